@@ -1,0 +1,34 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from tuneloop.components.images import TRAIN_IMAGE
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def sft(config: dict, parent_run_id: str, dataset: Input[Dataset], adapter: Output[Model]):
+    """Supervised fine-tuning (TRL SFTTrainer, LoRA) under DeepSpeed; outputs the adapter folder."""
+    import logging
+    from pathlib import Path
+
+    from tuneloop.config import parse_config
+    from tuneloop.stages import sft_stage
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    r = sft_stage(parse_config(config), parent_run_id, Path(dataset.path), Path(adapter.path))
+    adapter.metadata.update({k: r[k] for k in ("steps", "final_loss") if k in r})
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def dpo(config: dict, parent_run_id: str, dataset: Input[Dataset], sft_adapter: Input[Model],
+        adapter: Output[Model]):
+    """Preference tuning (TRL DPOTrainer) continuing the SFT adapter; reference = adapter-disabled base."""
+    import logging
+    from pathlib import Path
+
+    from tuneloop.config import parse_config
+    from tuneloop.stages import dpo_stage
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    r = dpo_stage(parse_config(config), parent_run_id, Path(dataset.path), Path(sft_adapter.path),
+                  Path(adapter.path))
+    adapter.metadata.update({k: r[k] for k in ("steps", "final_loss") if k in r})

@@ -1,0 +1,205 @@
+"""Canary rollout on the local gateway: deploy, analyse, promote or roll back.
+
+deploy_canary    alias `canary` -> the new version (with its traffic share), gateway reloads
+analyze_canary   over the window, compare canary with champion on error rate (Fisher's exact
+                 test), p95 latency (ratio) and feedback score (Welch's t-test); locally the
+                 window is filled by replaying a traffic file whose references stand in for users
+promote          previous <- champion, champion <- canary, canary removed, gateway reloads
+rollback         canary removed (the version is tagged rolled_back), gateway reloads
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tuneloop.config import RunConfig
+from tuneloop.evaluate.metrics import normalize_answer
+from tuneloop.registry import TAG_CANARY_PERCENT, Registry
+
+log = logging.getLogger("tuneloop.canary")
+
+
+# -- the gateway process --
+def gateway_alive(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_gateway(cfg: RunConfig, timeout_s: float = 180) -> subprocess.Popen | None:
+    """Start `tuneloop serve` in the background unless one answers already; None if it did."""
+    import yaml
+
+    url = cfg.deploy.gateway_url
+    if gateway_alive(url):
+        return None
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    cfg.state_path.mkdir(parents=True, exist_ok=True)
+    config_path = cfg.state_path / "gateway-config.yaml"  # resolved: every path in it is absolute
+    config_path.write_text(yaml.safe_dump(cfg.to_pipeline_param(), sort_keys=False))
+    logf = open(cfg.state_path / "gateway.log", "ab")  # noqa: SIM115 - owned by the child
+    proc = subprocess.Popen([sys.executable, "-m", "tuneloop.cli", "serve", str(config_path), "--port", str(port),
+                             "--state-dir", str(cfg.state_path)], stdout=logf, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {proc.returncode}; see {cfg.state_path / 'gateway.log'}")
+        if gateway_alive(url):
+            return proc
+        time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError(f"gateway did not answer on {url} within {timeout_s:.0f}s")
+
+
+def stop_gateway(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _reload(cfg: RunConfig) -> dict[str, Any]:
+    r = httpx.post(f"{cfg.deploy.gateway_url}/admin/reload", timeout=300)
+    r.raise_for_status()
+    return r.json()
+
+
+# -- rollout steps --
+def deploy_canary(cfg: RunConfig, version: str) -> dict[str, Any]:
+    reg = Registry(cfg)
+    reg.set_version_tag(version, TAG_CANARY_PERCENT, str(cfg.deploy.canary.traffic_percent))
+    reg.set_alias("canary", version)
+    state = _reload(cfg)
+    log.info("canary: version %s gets %d%% of users; gateway serves %s", version,
+             cfg.deploy.canary.traffic_percent, state)
+    return {"version": version, "traffic_percent": cfg.deploy.canary.traffic_percent, "gateway": state,
+            "deployed_at": time.time()}
+
+
+def replay_traffic(cfg: RunConfig, since: float) -> int:
+    """Send the traffic file through the gateway as distinct users; a reference stands in for the
+    user's judgement (score 1 if the answer matches it, else 0 and the reference as correction)."""
+    c = cfg.deploy.canary
+    assert c.traffic_file is not None
+    rows = [json.loads(line) for line in Path(c.traffic_file).read_text().splitlines() if line.strip()]
+    sent = 0
+    with httpx.Client(base_url=cfg.deploy.gateway_url, timeout=120) as http:
+        for i in range(c.requests):
+            row = rows[i % len(rows)]
+            body = {"messages": [{"role": "user", "content": row["prompt"]}], "user": f"replay-user-{i}",
+                    "max_tokens": c.max_new_tokens, "metadata": {"slice": row.get("slice", "")}}
+            r = http.post("/v1/chat/completions", json=body)
+            sent += 1
+            if r.status_code != 200 or "reference" not in row:
+                continue
+            answer = r.json()["choices"][0]["message"]["content"]
+            good = normalize_answer(answer) == normalize_answer(row["reference"])
+            fb: dict[str, Any] = {"request_id": r.json()["id"], "score": 1.0 if good else 0.0}
+            if not good:
+                fb["correction"] = row["reference"]
+            http.post("/v1/feedback", json=fb)
+    return sent
+
+
+def _p95(xs: list[float]) -> float:
+    if not xs:
+        return 0.0
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
+
+
+def compare(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
+    """Canary vs champion over the window's requests -> decision with its figures."""
+    from scipy import stats
+
+    c = cfg.deploy.canary
+    side = {v: [r for r in rows if r["variant"] == v] for v in ("champion", "canary")}
+    fig: dict[str, dict[str, Any]] = {}
+    for v, rs in side.items():
+        scores = [r["score"] for r in rs if r["score"] is not None]
+        fig[v] = {"requests": len(rs), "errors": sum(r["status"] != "ok" for r in rs),
+                  "error_rate": sum(r["status"] != "ok" for r in rs) / max(len(rs), 1),
+                  "p95_latency_ms": _p95([r["latency_ms"] for r in rs if r["status"] == "ok"]),
+                  "feedback_n": len(scores), "feedback_mean": sum(scores) / len(scores) if scores else None,
+                  "_scores": scores}
+    ch, ca = fig["champion"], fig["canary"]
+    checks = []
+    if ca["requests"] == 0:
+        checks.append({"check": "traffic", "passed": False, "detail": "the canary received no requests"})
+    else:
+        # error rate: one-sided Fisher exact test that the canary errs more, plus the allowed margin
+        _, p_err = stats.fisher_exact([[ca["errors"], ca["requests"] - ca["errors"]],
+                                       [ch["errors"], max(ch["requests"] - ch["errors"], 0)]], alternative="greater")
+        worse = ca["error_rate"] - ch["error_rate"] > c.max_error_rate_increase
+        checks.append({"check": "error_rate", "passed": not (worse and p_err < c.alpha),
+                       "detail": f"canary {ca['error_rate']:.3f} vs champion {ch['error_rate']:.3f}, "
+                                 f"allowed +{c.max_error_rate_increase}, Fisher p={p_err:.3g}"})
+        if ch["p95_latency_ms"] > 0 and ca["p95_latency_ms"] > 0:
+            ratio = ca["p95_latency_ms"] / ch["p95_latency_ms"]
+            checks.append({"check": "p95_latency", "passed": ratio <= c.max_p95_latency_ratio,
+                           "detail": f"canary {ca['p95_latency_ms']:.0f} ms vs champion "
+                                     f"{ch['p95_latency_ms']:.0f} ms, ratio {ratio:.2f} "
+                                     f"(limit {c.max_p95_latency_ratio})"})
+        a, b = ca["_scores"], ch["_scores"]
+        if len(a) >= 3 and len(b) >= 3:
+            delta = ca["feedback_mean"] - ch["feedback_mean"]
+            t = stats.ttest_ind(a, b, equal_var=False, alternative="less")
+            p_fb = float(t.pvalue) if t.pvalue == t.pvalue else 1.0  # NaN when both sides are constant
+            bad = delta < c.min_feedback_delta and (p_fb < c.alpha or (min(a) == max(a) and min(b) == max(b)))
+            checks.append({"check": "feedback", "passed": not bad,
+                           "detail": f"canary {ca['feedback_mean']:.3f} vs champion {ch['feedback_mean']:.3f} "
+                                     f"(delta {delta:+.3f}, floor {c.min_feedback_delta}, Welch p={p_fb:.3g})"})
+        else:
+            checks.append({"check": "feedback", "passed": True,
+                           "detail": f"not enough feedback to test (canary {len(a)}, champion {len(b)})"})
+    for v in fig.values():
+        v.pop("_scores")
+    promote = all(ch_["passed"] for ch_ in checks)
+    return {"decision": "promote" if promote else "rollback", "checks": checks, "figures": fig}
+
+
+def analyze_canary(cfg: RunConfig, deployed_at: float) -> dict[str, Any]:
+    from tuneloop.monitor.feedback import FeedbackStore
+
+    sent = replay_traffic(cfg, deployed_at)
+    rows = FeedbackStore(cfg.feedback_db).requests(since=deployed_at)
+    result = compare(rows, cfg)
+    result["replayed_requests"] = sent
+    log.info("canary analysis: %s (%s)", result["decision"].upper(),
+             "; ".join(f"{c['check']}: {'ok' if c['passed'] else 'FAIL'}" for c in result["checks"]))
+    return result
+
+
+def promote(cfg: RunConfig, version: str) -> dict[str, Any]:
+    reg = Registry(cfg)
+    old = reg.alias_version("champion")
+    if old is not None and old.version != version:
+        reg.set_alias("previous", old.version)
+    reg.set_alias("champion", version)
+    reg.delete_alias("canary")
+    reg.delete_alias("challenger")
+    reg.set_version_tag(version, "tuneloop.promoted_at", str(int(time.time())))
+    state = _reload(cfg)
+    return {"action": "promote", "version": version, "previous": old.version if old else None, "gateway": state}
+
+
+def rollback(cfg: RunConfig, version: str) -> dict[str, Any]:
+    reg = Registry(cfg)
+    reg.delete_alias("canary")
+    reg.delete_alias("challenger")
+    reg.set_version_tag(version, "tuneloop.rolled_back", "true")
+    state = _reload(cfg)
+    return {"action": "rollback", "version": version, "gateway": state}

@@ -1,0 +1,121 @@
+"""The feedback store: served requests and what users said about the answers.
+
+SQLAlchemy over sqlite locally (`<state_dir>/feedback.db`) and Postgres on a cluster (pass a
+database URL). The gateway logs every request; `POST /v1/feedback` adds a rating, a thumbs
+up/down or a corrected answer keyed to that request. Ingest turns the feedback into
+preference pairs (DPO) and SFT records (corrections), each tagged with its slice and the model
+version that produced the answer.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Float, Integer, String, Text, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class Request(_Base):
+    __tablename__ = "requests"
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created: Mapped[float] = mapped_column(Float)
+    user_id: Mapped[str] = mapped_column(String(128), default="")
+    model_version: Mapped[str] = mapped_column(String(64))
+    variant: Mapped[str] = mapped_column(String(16))  # champion | canary
+    slice: Mapped[str] = mapped_column(String(64), default="")
+    prompt: Mapped[str] = mapped_column(Text)
+    output: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="ok")  # ok | error
+    latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class Feedback(_Base):
+    __tablename__ = "feedback"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    created: Mapped[float] = mapped_column(Float)
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)  # 0 (bad) .. 1 (good): thumbs, a 1-5 rating or a score
+    correction: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+def _url(db: str | Path) -> str:
+    s = str(db)
+    return s if "://" in s else f"sqlite:///{Path(s).resolve()}"
+
+
+class FeedbackStore:
+    def __init__(self, db: str | Path) -> None:
+        if "://" not in str(db):
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(_url(db))
+        _Base.metadata.create_all(self.engine)
+
+    def log_request(self, **fields: Any) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.add(Request(created=time.time(), **fields))
+
+    def add_feedback(self, request_id: str, score: float | None = None, correction: str | None = None) -> bool:
+        """Attach feedback to a logged request; False if the request is unknown."""
+        with Session(self.engine) as s, s.begin():
+            if s.get(Request, request_id) is None:
+                return False
+            s.add(Feedback(request_id=request_id, created=time.time(), score=score, correction=correction))
+        return True
+
+    def requests(self, since: float = 0.0) -> list[dict[str, Any]]:
+        """Served requests since a time, each with its mean feedback score (None without feedback)."""
+        from sqlalchemy import func
+
+        fb = (select(Feedback.request_id, func.avg(Feedback.score).label("score"))
+              .group_by(Feedback.request_id).subquery())
+        q = (select(Request, fb.c.score).outerjoin(fb, fb.c.request_id == Request.request_id)
+             .where(Request.created >= since).order_by(Request.created))
+        with Session(self.engine) as s:
+            return [{"request_id": r.request_id, "variant": r.variant, "model_version": r.model_version,
+                     "status": r.status, "latency_ms": r.latency_ms, "score": score, "created": r.created}
+                    for r, score in s.execute(q)]
+
+    def rows(self, since: float = 0.0) -> list[dict[str, Any]]:
+        """Requests joined with their feedback (one row per feedback item)."""
+        q = (select(Request, Feedback).join(Feedback, Feedback.request_id == Request.request_id)
+             .where(Feedback.created >= since).order_by(Feedback.id))
+        with Session(self.engine) as s:
+            return [{"request_id": r.request_id, "prompt": r.prompt, "output": r.output, "slice": r.slice,
+                     "model_version": r.model_version, "variant": r.variant, "score": f.score,
+                     "correction": f.correction, "created": f.created} for r, f in s.execute(q)]
+
+
+def feedback_to_training(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Feedback rows -> (sft records, preference pairs) in ingest's raw schemas.
+
+    A correction makes an SFT record and, against the model's answer, a preference pair.
+    Of two answers to the same prompt, the higher-scored one is `chosen`.
+    """
+    sft: list[dict[str, Any]] = []
+    pairs: list[dict[str, Any]] = []
+    for r in rows:
+        meta = {"slice": r["slice"] or "feedback", "model_version": r["model_version"]}
+        corr = (r.get("correction") or "").strip()
+        if corr:
+            sft.append({"id": f"fb-{r['request_id']}-sft", "prompt": r["prompt"], "response": corr, **meta})
+            if corr != r["output"].strip():
+                pairs.append({"id": f"fb-{r['request_id']}-corr", "prompt": r["prompt"], "chosen": corr,
+                              "rejected": r["output"], **meta})
+    by_prompt: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("score") is not None:
+            by_prompt.setdefault(r["prompt"], []).append(r)
+    for prompt, rs in by_prompt.items():
+        rs = sorted(rs, key=lambda r: r["score"], reverse=True)
+        best, worst = rs[0], rs[-1]
+        if best["score"] > worst["score"] and best["output"].strip() != worst["output"].strip():
+            pairs.append({"id": f"fb-{best['request_id']}-{worst['request_id']}", "prompt": prompt,
+                          "chosen": best["output"], "rejected": worst["output"],
+                          "slice": best["slice"] or "feedback", "model_version": best["model_version"]})
+    return sft, pairs

@@ -1,0 +1,146 @@
+"""Run, compile, submit and schedule the pipeline; read a finished run back for the summary.
+
+Locally the pipeline runs through kfp.local's SubprocessRunner in this environment, with
+the `tuneloop serve` gateway standing in for KServe (started for the run if none answers).
+On a cluster the same pipeline function is submitted with kfp.Client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneloop.config import RunConfig
+
+log = logging.getLogger("tuneloop.orchestrate")
+
+
+def compiled_path() -> Path:
+    """The committed YAML: next to the pipeline source (falls back to the installed package)."""
+    import tuneloop.pipelines as p
+
+    return Path(p.__file__).parent / "continuous_training.yaml"
+
+
+def compile_pipeline(out: Path) -> Path:
+    from kfp import compiler
+
+    from tuneloop.pipelines.continuous_training import continuous_training
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(continuous_training, str(out))
+    return out
+
+
+def compiled_is_current(committed: Path) -> tuple[bool, str]:
+    """Compile to a temp file and compare with the committed YAML; (same, unified diff)."""
+    import difflib
+
+    with tempfile.TemporaryDirectory() as d:
+        fresh = compile_pipeline(Path(d) / "p.yaml").read_text()
+    old = committed.read_text() if committed.exists() else ""
+    diff = "".join(difflib.unified_diff(old.splitlines(True), fresh.splitlines(True), str(committed), "compiled"))
+    return not diff, diff
+
+
+def new_run_name(cfg: RunConfig) -> str:
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_local(cfg: RunConfig, run_name: str | None = None) -> dict[str, Any]:
+    """Run the whole pipeline on this machine; returns the summary read back from MLflow."""
+    from kfp import local
+
+    from tuneloop.deploy.canary import start_gateway, stop_gateway
+    from tuneloop.pipelines.continuous_training import continuous_training
+
+    run_name = run_name or new_run_name(cfg)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    cfg.state_path.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    gateway = start_gateway(cfg) if cfg.deploy.backend == "local" else None
+    try:
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(cfg.state_path / "kfp"),
+                   raise_on_error=True)
+        continuous_training(config=cfg.to_pipeline_param(), run_name=run_name)
+    finally:
+        stop_gateway(gateway)
+    summary = read_summary(cfg, run_name)
+    summary["pipeline_wall_s"] = time.perf_counter() - started
+    return summary
+
+
+def read_summary(cfg: RunConfig, run_name: str) -> dict[str, Any]:
+    """Stages, outcomes, wall times, gate figures, model version and aliases of one run."""
+    import mlflow.artifacts
+
+    from tuneloop.registry import Registry
+
+    reg = Registry(cfg)
+    exp = reg.experiment_id()
+    parents = reg.client.search_runs([exp], f"attributes.run_name = '{run_name}'", max_results=5)
+    parents = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
+    if not parents:
+        raise RuntimeError(f"no MLflow run named {run_name!r} in experiment {cfg.registry.experiment}")
+    parent = parents[0]
+    pid = parent.info.run_id
+    children = reg.client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{pid}'", max_results=100,
+                                      order_by=["attributes.start_time ASC"])
+    stages = []
+    extra: dict[str, Any] = {}
+    for ch in children:
+        name = ch.data.tags.get("tuneloop.stage", ch.info.run_name)
+        stages.append({"stage": name, "status": ch.info.status, "outcome": ch.data.tags.get("tuneloop.outcome", ""),
+                       "wall_s": ch.data.metrics.get("stage_wall_s")})
+        for stage, artifact in (("evaluate", "evaluation/gate.json"), ("evaluate", "evaluation/metrics.json"),
+                                ("validate_data", "validation/report.json"), ("analyze_canary", "canary/canary.json")):
+            if name == stage:
+                try:
+                    p = mlflow.artifacts.download_artifacts(run_id=ch.info.run_id, artifact_path=artifact,
+                                                            tracking_uri=reg.uri)
+                    extra[artifact] = json.loads(Path(p).read_text())
+                except Exception:  # noqa: BLE001 - a stage that failed early has no artifact
+                    pass
+    version = parent.data.tags.get("tuneloop.model_version")
+    return {"run_name": run_name, "parent_run_id": pid, "experiment_id": exp, "tracking_uri": reg.uri,
+            "outcome": parent.data.tags.get("tuneloop.outcome", parent.info.status), "stages": stages,
+            "gate": extra.get("evaluation/gate.json"), "metrics": extra.get("evaluation/metrics.json"),
+            "validation": extra.get("validation/report.json"), "canary": extra.get("canary/canary.json"),
+            "model_name": cfg.registry.model_name, "model_version": version, "aliases": reg.aliases()}
+
+
+def submit(cfg: RunConfig, host: str, experiment: str, run_name: str | None,
+           namespace: str | None = None) -> str:
+    """Create a run on a Kubeflow Pipelines endpoint; returns the run id."""
+    import kfp
+
+    from tuneloop.pipelines.continuous_training import continuous_training
+
+    client = kfp.Client(host=host, namespace=namespace)
+    run = client.create_run_from_pipeline_func(
+        continuous_training, arguments={"config": cfg.to_pipeline_param(), "run_name": run_name or new_run_name(cfg)},
+        run_name=run_name or new_run_name(cfg), experiment_name=experiment, enable_caching=False)
+    return run.run_id
+
+
+def schedule(cfg: RunConfig, host: str, experiment: str, cron: str, job_name: str,
+             namespace: str | None = None, max_concurrency: int = 1) -> str:
+    """Create a recurring run (cron in KFP's 6-field form, seconds first); returns its id."""
+    import kfp
+
+    client = kfp.Client(host=host, namespace=namespace)
+    exp = client.create_experiment(experiment, namespace=namespace)
+    with tempfile.TemporaryDirectory() as d:
+        package = compile_pipeline(Path(d) / "pipeline.yaml")
+        rr = client.create_recurring_run(
+            experiment_id=exp.experiment_id, job_name=job_name, cron_expression=cron,
+            max_concurrency=max_concurrency, pipeline_package_path=str(package),
+            params={"config": cfg.to_pipeline_param(), "run_name": job_name}, enable_caching=False)
+    return rr.recurring_run_id

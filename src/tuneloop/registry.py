@@ -1,0 +1,206 @@
+"""MLflow: one parent run per pipeline run, a nested run per stage, the model registry.
+
+A registered model version is the LoRA adapter folder (logged as run artifacts) plus tags
+that say which base model it applies to and where it came from (data hash, pipeline run,
+git sha). Aliases carry the rollout state:
+    challenger  passed the gate, registered
+    canary      serving a share of traffic
+    champion    serving everyone
+    previous    the champion before the last promotion (rollback target)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tuneloop.config import RunConfig
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+log = logging.getLogger("tuneloop.registry")
+
+ALIASES = ("challenger", "canary", "champion", "previous")
+TAG_PIPELINE_RUN = "tuneloop.pipeline_run_id"
+TAG_KFP_RUN = "tuneloop.kfp_run_id"
+TAG_DATA_HASH = "tuneloop.data_hash"
+TAG_GIT_SHA = "tuneloop.git_sha"
+TAG_STAGE = "tuneloop.stage"
+TAG_BASE_MODEL = "tuneloop.base_model"
+TAG_BASE_PATH = "tuneloop.base_model_path"
+TAG_CANARY_PERCENT = "tuneloop.canary_percent"
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("TUNELOOP_GIT_SHA", "unknown")
+
+
+class Registry:
+    """Thin wrapper over MlflowClient bound to one config's tracking URI and model name."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.cfg = cfg
+        self.uri = cfg.tracking_uri
+        if self.uri.startswith("sqlite:"):
+            cfg.state_path.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        self.client = MlflowClient(self.uri, self.uri)
+        self.name = cfg.registry.model_name
+
+    # -- experiments and runs --
+    def experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.cfg.registry.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(self.cfg.registry.experiment,
+                                                 artifact_location=self.cfg.artifact_location)
+        except Exception:  # created concurrently by another task
+            return self.client.get_experiment_by_name(self.cfg.registry.experiment).experiment_id
+
+    def start_pipeline_run(self, run_name: str, kfp_run_id: str, params: dict[str, Any]) -> str:
+        """The parent run of one pipeline run (idempotent on the KFP run id)."""
+        exp = self.experiment_id()
+        found = self.client.search_runs([exp], f"tags.`{TAG_KFP_RUN}` = '{kfp_run_id}' and "
+                                               f"tags.`mlflow.parentRunId` IS NULL", max_results=1) \
+            if kfp_run_id else []
+        found = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+        if found:
+            return found[0].info.run_id
+        run = self.client.create_run(exp, run_name=run_name, tags={
+            TAG_KFP_RUN: kfp_run_id, TAG_GIT_SHA: git_sha(), "tuneloop.loop": self.cfg.name})
+        for k, v in params.items():
+            self.client.log_param(run.info.run_id, k, str(v)[:6000])
+        return run.info.run_id
+
+    @contextlib.contextmanager
+    def stage_run(self, parent_id: str, stage: str) -> Iterator[str]:
+        """A nested run for one stage; FAILED if the stage raises."""
+        parent = self.client.get_run(parent_id)
+        run = self.client.create_run(parent.info.experiment_id, run_name=stage, tags={
+            "mlflow.parentRunId": parent_id, TAG_STAGE: stage,
+            TAG_KFP_RUN: parent.data.tags.get(TAG_KFP_RUN, ""), TAG_GIT_SHA: parent.data.tags.get(TAG_GIT_SHA, "")})
+        rid = run.info.run_id
+        try:
+            yield rid
+        except BaseException:
+            self.client.set_terminated(rid, "FAILED")
+            raise
+        self.client.set_terminated(rid, "FINISHED")
+
+    def finish_pipeline_run(self, parent_id: str, outcome: str) -> None:
+        self.client.set_tag(parent_id, "tuneloop.outcome", outcome)
+        status = "FAILED" if outcome.startswith("failed") else "FINISHED"
+        self.client.set_terminated(parent_id, status)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        for i in range(0, len(items), 900):
+            self.client.log_batch(run_id, metrics=items[i:i + 900])
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 90):
+            self.client.log_batch(run_id, params=items[i:i + 90])
+
+    def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_dataset(self, run_id: str, path: Path, name: str, digest: str, context: str) -> None:
+        """Record a dataset as an MLflow run input (lineage: data hash -> run)."""
+        import mlflow.data
+        import pandas as pd
+        from mlflow.entities import DatasetInput, InputTag
+
+        df = pd.read_json(path, lines=True) if path.stat().st_size else pd.DataFrame()
+        ds = mlflow.data.from_pandas(df, source=str(path), name=name, digest=digest[:36])
+        self.client.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(),
+                                                              tags=[InputTag("mlflow.data.context", context)])])
+
+    # -- registry --
+    def alias_version(self, alias: str) -> Any | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(self.name, alias)
+        except MlflowException:
+            return None
+
+    def register(self, run_id: str, adapter_dir: Path, tags: dict[str, str]) -> Any:
+        """Register the adapter as a new version, alias `challenger`. A retry of the same
+        pipeline run returns the version it already created instead of a duplicate."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(self.name, description="LoRA adapters trained by tuneloop.")
+        except MlflowException:
+            pass  # exists
+        pipeline_run = tags[TAG_PIPELINE_RUN]
+        existing = self.client.search_model_versions(f"name = '{self.name}' and "
+                                                     f"tags.`{TAG_PIPELINE_RUN}` = '{pipeline_run}'")
+        if existing:
+            mv = existing[0]
+            log.info("register: version %s already registered for pipeline run %s", mv.version, pipeline_run)
+        else:
+            self.log_artifacts(run_id, adapter_dir, "adapter")
+            source = f"{self.client.get_run(run_id).info.artifact_uri}/adapter"
+            mv = self.client.create_model_version(self.name, source, run_id=run_id, tags=tags)
+        self.client.set_registered_model_alias(self.name, "challenger", mv.version)
+        return mv
+
+    def set_alias(self, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(self.name, alias, version)
+
+    def delete_alias(self, alias: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        with contextlib.suppress(MlflowException):
+            self.client.delete_registered_model_alias(self.name, alias)
+
+    def aliases(self) -> dict[str, str]:
+        out = {}
+        for a in ALIASES:
+            mv = self.alias_version(a)
+            if mv is not None:
+                out[a] = mv.version
+        return out
+
+    def download_adapter(self, version: Any, dest: Path) -> Path:
+        """The adapter folder of a version, fetched once into dest/v<version>."""
+        import mlflow.artifacts
+
+        target = dest / f"v{version.version}"
+        if (target / "adapter_config.json").exists():
+            return target
+        tmp = dest / f".v{version.version}.partial"
+        tmp.mkdir(parents=True, exist_ok=True)
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp),
+                                                        tracking_uri=self.uri))
+        os.replace(path, target)
+        return target
+
+    def version_tags(self, version: str) -> dict[str, str]:
+        return dict(self.client.get_model_version(self.name, version).tags)
+
+    def set_version_tag(self, version: str, key: str, value: str) -> None:
+        self.client.set_model_version_tag(self.name, version, key, value)

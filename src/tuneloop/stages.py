@@ -1,0 +1,293 @@
+"""The pipeline's stages as plain functions: one per KFP component, callable without KFP.
+
+Each takes the validated config, the MLflow parent run id and local folders (KFP artifact
+paths, or any folder from Python, the CLI or a test), runs inside its own nested MLflow run,
+and returns a small dict. Big inputs travel by path: the base model is materialised once in
+the state directory and read from there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tuneloop.config import RunConfig
+from tuneloop.registry import (TAG_BASE_MODEL, TAG_BASE_PATH, TAG_DATA_HASH, TAG_GIT_SHA, TAG_PIPELINE_RUN,
+                               Registry, git_sha)
+
+log = logging.getLogger("tuneloop.stages")
+
+
+class PrerequisiteError(RuntimeError):
+    pass
+
+
+def _timed(reg: Registry, parent_id: str, stage: str, fn: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    started = time.perf_counter()
+    with reg.stage_run(parent_id, stage) as run_id:
+        result = fn(run_id)
+        wall = time.perf_counter() - started
+        reg.log_metrics(run_id, {"stage_wall_s": wall})
+        reg.client.set_tag(run_id, "tuneloop.outcome", str(result.get("outcome", "done")))
+    result["wall_s"] = wall
+    log.info("%s: %s (%.1fs)", stage, result.get("outcome", "done"), wall)
+    return result
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def base_model_dir(cfg: RunConfig) -> Path:
+    from tuneloop.models import materialize_base_model
+
+    return materialize_base_model(cfg.base_model, cfg.state_path)
+
+
+# 1 -------------------------------------------------------------------------------------------
+def check_prerequisites(cfg: RunConfig, run_name: str, kfp_run_id: str) -> dict[str, Any]:
+    """Fail in seconds, with every problem listed, before any compute; open the parent run."""
+    from tuneloop.data.readers import SourceError, expand
+
+    problems = []
+    for src in [*cfg.data.sources, *cfg.data.eval]:
+        if "://" in src.path:
+            continue
+        try:
+            expand(src.path, src.format)
+        except SourceError as e:
+            problems.append(str(e))
+    if cfg.deploy.backend == "local":
+        from tuneloop.deploy.canary import gateway_alive
+
+        if not gateway_alive(cfg.deploy.gateway_url):
+            problems.append(f"deploy.gateway_url: no gateway answers at {cfg.deploy.gateway_url} "
+                            "(start one with `tuneloop serve CONFIG`)")
+    try:
+        import deepspeed  # noqa: F401
+        import peft  # noqa: F401
+        import trl  # noqa: F401
+    except ImportError as e:
+        problems.append(f"training libraries missing ({e.name}); install tuneloop[train]")
+    if problems:
+        raise PrerequisiteError("prerequisites not met:\n  - " + "\n  - ".join(problems))
+    base = base_model_dir(cfg)
+    reg = Registry(cfg)
+    params = {k: v for k, v in _flatten(cfg.model_dump(mode="json")).items()}
+    parent = reg.start_pipeline_run(run_name, kfp_run_id, params)
+    reg.client.set_tag(parent, TAG_BASE_MODEL, cfg.base_model.name)
+    return {"parent_run_id": parent, "base_model_dir": str(base), "outcome": "ok"}
+
+
+# 2 -------------------------------------------------------------------------------------------
+def ingest_stage(cfg: RunConfig, parent_id: str, out: Path) -> dict[str, Any]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tuneloop.data.formatting import ChatFormatter, check_tokenizer
+    from tuneloop.data.ingest import ingest
+    from tuneloop.monitor.feedback import FeedbackStore
+
+    reg = Registry(cfg)
+
+    def run(run_id: str) -> dict[str, Any]:
+        base = base_model_dir(cfg)
+        tok = AutoTokenizer.from_pretrained(str(base))
+        check_tokenizer(tok, AutoConfig.from_pretrained(str(base)), f"base_model {base}")
+        rows = FeedbackStore(cfg.feedback_db).rows() if cfg.data.use_feedback else []
+        report = ingest(cfg.data, ChatFormatter(tok, cfg.data.system_prompt), out, rows)
+        reg.log_metrics(run_id, {"read": report["read"], "accepted": report["accepted"],
+                                 "quarantined": report["quarantined"],
+                                 "feedback_preference_pairs": report["feedback"]["preference"],
+                                 "feedback_sft_records": report["feedback"]["sft"]})
+        for kind, c in report["by_kind"].items():
+            reg.log_metrics(run_id, {f"{kind}.{k}": v for k, v in c.items() if isinstance(v, int)})
+            reg.log_metrics(run_id, {f"{kind}.slice.{s}": n for s, n in c["per_slice"].items()})
+        reg.client.set_tag(run_id, TAG_DATA_HASH, report["data_hash"])
+        reg.client.set_tag(parent_id, TAG_DATA_HASH, report["data_hash"])
+        for kind, ctx in (("sft", "training"), ("preference", "training"), ("eval", "evaluation")):
+            reg.log_dataset(run_id, out / f"{kind}.jsonl", f"{cfg.name}-{kind}", report["file_sha256"][kind], ctx)
+        reg.log_artifacts(run_id, out, "dataset")
+        return {**report, "outcome": f"{report['accepted']} accepted, {report['quarantined']} quarantined"}
+
+    return _timed(reg, parent_id, "ingest", run)
+
+
+# 3 -------------------------------------------------------------------------------------------
+def validate_stage(cfg: RunConfig, parent_id: str, dataset: Path, out: Path) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from tuneloop.data.validate import validate_dataset
+
+    reg = Registry(cfg)
+
+    def run(run_id: str) -> dict[str, Any]:
+        tok = AutoTokenizer.from_pretrained(str(base_model_dir(cfg)))
+        report = validate_dataset(cfg, dataset, tok, out)
+        reg.log_metrics(run_id, {"checks": len(report["checks"]), "failed_checks": len(report["failed"]),
+                                 "passed": float(report["passed"])})
+        reg.log_artifacts(run_id, out, "validation")
+        return {"passed": report["passed"], "failed": report["failed"],
+                "outcome": "passed" if report["passed"] else f"FAILED ({len(report['failed'])} checks)"}
+
+    return _timed(reg, parent_id, "validate_data", run)
+
+
+# 4, 5 ----------------------------------------------------------------------------------------
+def _train(cfg: RunConfig, parent_id: str, stage: str, data: Path, out: Path,
+           init_adapter: Path | None) -> dict[str, Any]:
+    from tuneloop.train.launch import build_spec, launch
+
+    reg = Registry(cfg)
+    section = cfg.train.sft if stage == "sft" else cfg.train.dpo
+
+    def run(run_id: str) -> dict[str, Any]:
+        out.mkdir(parents=True, exist_ok=True)
+        if not section.enabled or not data.read_text().strip():
+            reason = "disabled" if not section.enabled else "no training records"
+            if init_adapter is None:
+                raise RuntimeError(f"{stage}: {reason} and there is no adapter to pass on")
+            shutil.copytree(init_adapter, out / "adapter", dirs_exist_ok=True)
+            return {"outcome": f"skipped ({reason}); adapter passed through", "skipped": True}
+        reg.log_params(run_id, {f"{stage}.{k}": v for k, v in section.model_dump().items()})
+        reg.log_params(run_id, {"deepspeed": cfg.train.deepspeed, "nproc_per_node": cfg.train.nproc_per_node,
+                                **{f"lora.{k}": v for k, v in cfg.train.lora.model_dump().items()}})
+        spec = build_spec(cfg, stage, base_model_dir(cfg), data, out, init_adapter,
+                          {"tracking_uri": reg.uri, "run_id": run_id})
+        result = launch(cfg, spec)
+        reg.log_metrics(run_id, {k: v for k, v in result.items() if isinstance(v, (int, float))})
+        return {**result, "adapter": str(out / "adapter"),
+                "outcome": f"{result['steps']} steps, loss {result['first_loss']:.3f} -> {result['final_loss']:.3f}, "
+                           f"{result['tokens_per_s']:.0f} tokens/s"}
+
+    return _timed(reg, parent_id, stage, run)
+
+
+def sft_stage(cfg: RunConfig, parent_id: str, dataset: Path, out: Path) -> dict[str, Any]:
+    return _train(cfg, parent_id, "sft", dataset / "sft.jsonl", out, None)
+
+
+def dpo_stage(cfg: RunConfig, parent_id: str, dataset: Path, sft_out: Path, out: Path) -> dict[str, Any]:
+    return _train(cfg, parent_id, "dpo", dataset / "preference.jsonl", out, sft_out / "adapter")
+
+
+# 6 -------------------------------------------------------------------------------------------
+def evaluate_stage(cfg: RunConfig, parent_id: str, dataset: Path, candidate: Path, out: Path) -> dict[str, Any]:
+    from tuneloop.evaluate.run import evaluate_models
+
+    reg = Registry(cfg)
+
+    def run(run_id: str) -> dict[str, Any]:
+        champ = reg.alias_version("champion")
+        champ_adapter = reg.download_adapter(champ, cfg.state_path / "serving") if champ else None
+        ref_name = f"champion v{champ.version}" if champ else "base model"
+        result = evaluate_models(cfg, base_model_dir(cfg), dataset / "eval.jsonl", candidate / "adapter",
+                                 champ_adapter, ref_name, out)
+        for who in ("candidate", "champion", "base"):
+            for sl, m in result["metrics"].get(who, {}).items():
+                reg.log_metrics(run_id, {f"{who}.{sl}.{k}": v for k, v in m.items() if isinstance(v, (int, float))})
+        reg.log_artifacts(run_id, out, "evaluation")
+        g = result["gate"]
+        confusion = [m["confusion"] for sl, m in sorted(result["metrics"]["candidate"].items())
+                     if "confusion" in m and sl != "all"]
+        return {"passed": g["passed"], "gate": g, "confusion": confusion, "metrics": result["metrics"],
+                "outcome": "gate PASSED" if g["passed"] else
+                f"gate FAILED: {', '.join(r['slice'] + '/' + r['metric'] for r in g['rules'] if not r['passed'])}"}
+
+    return _timed(reg, parent_id, "evaluate", run)
+
+
+# 7 -------------------------------------------------------------------------------------------
+def register_stage(cfg: RunConfig, parent_id: str, candidate: Path, evaluation: Path,
+                   dataset: Path) -> dict[str, Any]:
+    reg = Registry(cfg)
+
+    def run(run_id: str) -> dict[str, Any]:
+        gate = json.loads((evaluation / "gate.json").read_text())
+        if not gate["passed"]:
+            raise RuntimeError("register: the evaluation gate did not pass; refusing to register")
+        data_hash = json.loads((dataset / "report.json").read_text())["data_hash"]
+        tags = {TAG_PIPELINE_RUN: parent_id, TAG_DATA_HASH: data_hash, TAG_GIT_SHA: git_sha(),
+                TAG_BASE_MODEL: cfg.base_model.name, TAG_BASE_PATH: str(base_model_dir(cfg)),
+                "tuneloop.loop": cfg.name}
+        mv = reg.register(run_id, candidate / "adapter", tags)
+        reg.log_artifacts(run_id, evaluation, "evaluation")
+        reg.client.set_tag(parent_id, "tuneloop.model_version", mv.version)
+        return {"version": str(mv.version), "outcome": f"{cfg.registry.model_name} v{mv.version} @challenger"}
+
+    return _timed(reg, parent_id, "register", run)
+
+
+# 8, 9, 10 ------------------------------------------------------------------------------------
+def deploy_canary_stage(cfg: RunConfig, parent_id: str, version: str) -> dict[str, Any]:
+    from tuneloop.deploy.canary import deploy_canary
+
+    reg = Registry(cfg)
+
+    def run(run_id: str) -> dict[str, Any]:
+        r = deploy_canary(cfg, version)
+        reg.log_params(run_id, {"version": version, "traffic_percent": r["traffic_percent"]})
+        return {**r, "outcome": f"v{version} @canary, {r['traffic_percent']}% of users"}
+
+    return _timed(reg, parent_id, "deploy_canary", run)
+
+
+def analyze_canary_stage(cfg: RunConfig, parent_id: str, version: str, deployed_at: float,
+                         out: Path) -> dict[str, Any]:
+    from tuneloop.deploy.canary import analyze_canary
+
+    reg = Registry(cfg)
+
+    def run(run_id: str) -> dict[str, Any]:
+        r = analyze_canary(cfg, deployed_at)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "canary.json").write_text(json.dumps(r, indent=2))
+        for side, f in r["figures"].items():
+            reg.log_metrics(run_id, {f"{side}.{k}": v for k, v in f.items() if isinstance(v, (int, float))})
+        reg.log_artifacts(run_id, out, "canary")
+        return {**r, "markdown": canary_markdown(r), "outcome": r["decision"]}
+
+    return _timed(reg, parent_id, "analyze_canary", run)
+
+
+def canary_markdown(r: dict[str, Any]) -> str:
+    lines = [f"# Canary analysis: {r['decision'].upper()}", "", "| check | result | figures |", "|---|---|---|"]
+    lines += [f"| {c['check']} | {'pass' if c['passed'] else '**FAIL**'} | {c['detail']} |" for c in r["checks"]]
+    return "\n".join(lines) + "\n"
+
+
+def promote_stage(cfg: RunConfig, parent_id: str, version: str) -> dict[str, Any]:
+    from tuneloop.deploy.canary import promote
+
+    reg = Registry(cfg)
+    r = _timed(reg, parent_id, "promote", lambda run_id: {**promote(cfg, version),
+                                                           "outcome": f"v{version} @champion"})
+    reg.finish_pipeline_run(parent_id, f"promoted v{version}")
+    return r
+
+
+def rollback_stage(cfg: RunConfig, parent_id: str, version: str) -> dict[str, Any]:
+    from tuneloop.deploy.canary import rollback
+
+    reg = Registry(cfg)
+    r = _timed(reg, parent_id, "rollback", lambda run_id: {**rollback(cfg, version),
+                                                            "outcome": f"v{version} rolled back"})
+    reg.finish_pipeline_run(parent_id, f"rolled back v{version}")
+    return r
+
+
+def stop_stage(cfg: RunConfig, parent_id: str, reason: str) -> dict[str, Any]:
+    """The branch taken when a gate says no: close the parent run with the reason."""
+    Registry(cfg).finish_pipeline_run(parent_id, reason)
+    log.info("pipeline stopped: %s", reason)
+    return {"outcome": reason}
