@@ -32,7 +32,7 @@ class _Strict(BaseModel):
 
 
 class DataSource(_Strict):
-    path: str = Field(description="A file, a folder (every .jsonl/.csv/.parquet inside), or an s3:// URI.")
+    path: str = Field(description="A file or a folder (every .jsonl/.csv/.parquet inside it).")
     kind: Literal["sft", "preference"] = Field(
         "sft", description="sft: prompt/response or chat `messages` records; preference: prompt/chosen/rejected.")
     slice: str | None = Field(None, description="Slice label for records that carry none of their own.")
@@ -216,10 +216,11 @@ class RunConfig(_Strict):
             if rule.slice != "all" and rule.slice not in slices:
                 raise ValueError(f"evaluate.gates[{i}].slice: {rule.slice!r} is not in evaluate.slices "
                                  f"({', '.join(sorted(slices))})")
-            if rule.metric in ("accuracy", "macro_f1") and rule.slice != "all" \
-                    and self.evaluate.slices[rule.slice].task != "classification":
+            # `all` mixes every slice (and label set): the evaluate stage has no accuracy/macro_f1 for it
+            if rule.metric in ("accuracy", "macro_f1") and (
+                    rule.slice == "all" or self.evaluate.slices[rule.slice].task != "classification"):
                 raise ValueError(f"evaluate.gates[{i}].metric: {rule.metric} needs a classification slice; "
-                                 f"{rule.slice!r} is generation")
+                                 f"{rule.slice!r} is " + ("every slice" if rule.slice == "all" else "generation"))
         if self.deploy.backend == "local" and self.deploy.canary.traffic_file is None:
             raise ValueError("deploy.canary.traffic_file: the local backend replays traffic from a file; set it")
         return self
@@ -323,35 +324,29 @@ def demo_config_path() -> Path:
 
 def reference_markdown() -> str:
     """Every config key with its type, default and help text (the README's configuration reference)."""
-    out: list[str] = []
+    import typing
+
+    out = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, f in model.model_fields.items():
-            key = f"{prefix}{name}"
-            ann = f.annotation
-            sub = _submodel(ann)
+            key, ann = f"{prefix}{name}", f.annotation
             default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
-            if sub is not None:
+            args = typing.get_args(ann)
+            item = args[-1] if args else None
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
                 out.append(f"| `{key}` | section | | {f.description or ''} |")
-                walk(sub, key + ".")
+                walk(ann, key + ".")
+            elif isinstance(item, type) and issubclass(item, BaseModel):
+                shape = "list" if typing.get_origin(ann) is list else "mapping of name ->"
+                out.append(f"| `{key}` | {shape} {item.__name__} | {default} | {f.description or ''} |")
+                walk(item, key + ("[]." if shape == "list" else ".<name>."))
             else:
-                if isinstance(f.get_default(call_default_factory=True), BaseModel):
-                    default = "see section"
                 out.append(f"| `{key}` | {_type_name(ann)} | {default} | {f.description or ''} |")
-    out.append("| key | type | default | meaning |")
-    out.append("|---|---|---|---|")
     walk(RunConfig, "")
     return "\n".join(out)
 
 
-def _submodel(ann: Any) -> type[BaseModel] | None:
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    return None
-
-
 def _type_name(ann: Any) -> str:
-    s = str(ann).replace("typing.", "")
-    if isinstance(ann, type):
-        s = ann.__name__
+    s = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
     return s.replace("|", "\\|")

@@ -144,3 +144,28 @@ def schedule(cfg: RunConfig, host: str, experiment: str, cron: str, job_name: st
             max_concurrency=max_concurrency, pipeline_package_path=str(package),
             params={"config": cfg.to_pipeline_param(), "run_name": job_name}, enable_caching=False)
     return rr.recurring_run_id
+
+
+def run_direct(cfg: RunConfig, run_name: str | None = None, work: Path | None = None) -> dict[str, Any]:
+    """The same DAG as pipelines/continuous_training.py, calling the stage functions in this
+    process with no orchestrator (for debugging and as the overhead benchmark's baseline).
+    The gateway must already be running for the local deploy backend."""
+    from tuneloop import stages
+
+    run_name = run_name or new_run_name(cfg)
+    work = work or Path(tempfile.mkdtemp(prefix="tuneloop-direct-"))
+    pid = stages.check_prerequisites(cfg, run_name, run_name)["parent_run_id"]
+    stages.ingest_stage(cfg, pid, work / "dataset")
+    if not stages.validate_stage(cfg, pid, work / "dataset", work / "validation")["passed"]:
+        stages.stop_stage(cfg, pid, "stopped: data validation failed")
+        return read_summary(cfg, run_name)
+    stages.sft_stage(cfg, pid, work / "dataset", work / "sft")
+    stages.dpo_stage(cfg, pid, work / "dataset", work / "sft", work / "dpo")
+    if not stages.evaluate_stage(cfg, pid, work / "dataset", work / "dpo", work / "evaluation")["passed"]:
+        stages.stop_stage(cfg, pid, "rejected by the evaluation gate")
+        return read_summary(cfg, run_name)
+    version = stages.register_stage(cfg, pid, work / "dpo", work / "evaluation", work / "dataset")["version"]
+    deployed_at = stages.deploy_canary_stage(cfg, pid, version)["deployed_at"]
+    decision = stages.analyze_canary_stage(cfg, pid, version, deployed_at, work / "canary")["decision"]
+    (stages.promote_stage if decision == "promote" else stages.rollback_stage)(cfg, pid, version)
+    return read_summary(cfg, run_name)

@@ -60,6 +60,7 @@ def check_prerequisites(cfg: RunConfig, run_name: str, kfp_run_id: str) -> dict[
     """Fail in seconds, with every problem listed, before any compute; open the parent run."""
     from tuneloop.data.readers import SourceError, expand
 
+    started = time.perf_counter()
     problems = []
     for src in [*cfg.data.sources, *cfg.data.eval]:
         if "://" in src.path:
@@ -87,6 +88,9 @@ def check_prerequisites(cfg: RunConfig, run_name: str, kfp_run_id: str) -> dict[
     params = {k: v for k, v in _flatten(cfg.model_dump(mode="json")).items()}
     parent = reg.start_pipeline_run(run_name, kfp_run_id, params)
     reg.client.set_tag(parent, TAG_BASE_MODEL, cfg.base_model.name)
+    with reg.stage_run(parent, "check_prerequisites") as run_id:
+        reg.log_metrics(run_id, {"stage_wall_s": time.perf_counter() - started})
+        reg.client.set_tag(run_id, "tuneloop.outcome", "ok")
     return {"parent_run_id": parent, "base_model_dir": str(base), "outcome": "ok"}
 
 

@@ -89,6 +89,8 @@ class Counts:
 
 def _reason_key(reason: str) -> str:
     """Group reasons for counting: 'field `x` is too long (…)' -> 'field `x` is too long'."""
+    if reason.startswith("exact duplicate of "):  # one group, not one per duplicated id
+        return "exact duplicate"
     return re.sub(r"\s*\(.*\)$|: .*$| at .*$", "", reason)
 
 
@@ -159,7 +161,7 @@ class Ingestor:
         lim = self.cfg.max_response_chars
         user_text = _text(rec, "prompt", self.cfg.max_prompt_chars)
         chosen, rejected = _text(rec, "chosen", lim), _text(rec, "rejected", lim)
-        if normalize_text(chosen) == normalize_text(rejected):
+        if chosen == rejected:  # case or punctuation differences are real preferences (formatting)
             raise Rejected("fields `chosen` and `rejected` are the same answer")
         return {"slice": self._slice(rec, src), "source": raw.source, "prompt": self.fmt.user_prompt(user_text),
                 "chosen": self.fmt.completion(chosen), "rejected": self.fmt.completion(rejected),
@@ -180,9 +182,9 @@ class Ingestor:
         try:
             r = self._pref(raw.data, raw, src) if kind == "preference" else self._sft(raw.data, raw, src)
             key = self._content_key(kind, r)
-            rid = self._id(raw.data, raw, key)
-            if key in self.seen:
+            if key in self.seen:  # before the id: an id-less duplicate gets the same content id
                 raise Rejected(f"exact duplicate of {self.seen[key]}")
+            rid = self._id(raw.data, raw, key)
             if kind != "eval" and normalize_text(r["user_text"]) in self.eval_prompts:
                 raise Rejected(f"eval leak: prompt is held-out eval record {self.eval_prompts[normalize_text(r['user_text'])]}")
         except Rejected as e:

@@ -69,14 +69,14 @@ def _jsonl(file: str) -> Iterator[RawRecord]:
             except UnicodeDecodeError as e:
                 yield RawRecord(file, i, None, f"invalid UTF-8 at byte {e.start}", line.decode("utf-8", "replace"))
                 continue
+            text = text.rstrip("\r\n")  # the line ending is not part of the record
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                yield RawRecord(file, i, None, f"malformed JSON: {e.msg} at column {e.colno}", text.rstrip("\n"))
+                yield RawRecord(file, i, None, f"malformed JSON at column {e.colno}: {e.msg}", text)
                 continue
             if not isinstance(obj, dict):
-                yield RawRecord(file, i, None, f"a record must be a JSON object, got {type(obj).__name__}",
-                                text.rstrip("\n"))
+                yield RawRecord(file, i, None, f"a record must be a JSON object, got {type(obj).__name__}", text)
                 continue
             yield RawRecord(file, i, obj)
 

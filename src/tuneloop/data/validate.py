@@ -31,7 +31,8 @@ def _frame(path: Path, tokenizer: Any, text_cols: tuple[str, ...]) -> pd.DataFra
         return df
     for col in text_cols[1:]:
         full = [p + c for p, c in zip(df[text_cols[0]], df[col], strict=True)]
-        df[f"{col}_tokens"] = [len(ids) for ids in tokenizer(full, add_special_tokens=False)["input_ids"]]
+        # tokens of the whole training sequence (prompt + this answer): what max_length bounds
+        df[f"{col}_seq_tokens"] = [len(ids) for ids in tokenizer(full, add_special_tokens=False)["input_ids"]]
     return df
 
 
@@ -50,15 +51,15 @@ def _suites(cfg: RunConfig) -> dict[str, list[Any]]:
     sft = [*common,
            gxe.ExpectColumnValueLengthsToBeBetween(column="response", min_value=1),
            gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_text", "response"]),
-           gxe.ExpectColumnValuesToBeBetween(column="completion_tokens", min_value=2,
+           gxe.ExpectColumnValuesToBeBetween(column="completion_seq_tokens", min_value=2,
                                              max_value=cfg.train.sft.max_length)]
     for name, sl in cfg.evaluate.slices.items():
         if sl.task == "classification":
             sft.append(gxe.ExpectColumnValuesToBeInSet(column="response", value_set=sl.labels,
                                                        row_condition=f'slice=="{name}"', condition_parser="pandas"))
     pref = [*common,
-            gxe.ExpectColumnValuesToBeBetween(column="chosen_tokens", min_value=2, max_value=cfg.train.dpo.max_length),
-            gxe.ExpectColumnValuesToBeBetween(column="rejected_tokens", min_value=2,
+            gxe.ExpectColumnValuesToBeBetween(column="chosen_seq_tokens", min_value=2, max_value=cfg.train.dpo.max_length),
+            gxe.ExpectColumnValuesToBeBetween(column="rejected_seq_tokens", min_value=2,
                                               max_value=cfg.train.dpo.max_length)]
     evals = [*common,
              gxe.ExpectColumnValueLengthsToBeBetween(column="response", min_value=1),

@@ -139,6 +139,9 @@ def compare(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
     checks = []
     if ca["requests"] == 0:
         checks.append({"check": "traffic", "passed": False, "detail": "the canary received no requests"})
+    elif ch["requests"] == 0:  # every test below would pass for want of a baseline
+        checks.append({"check": "traffic", "passed": False,
+                       "detail": "the champion received no requests; nothing to compare the canary with"})
     else:
         # error rate: one-sided Fisher exact test that the canary errs more, plus the allowed margin
         _, p_err = stats.fisher_exact([[ca["errors"], ca["requests"] - ca["errors"]],

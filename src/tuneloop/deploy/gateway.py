@@ -186,7 +186,7 @@ def create_app(gw: Gateway) -> FastAPI:
         try:
             body = await _json(request)
             messages = _check_messages(body)
-            max_tokens = int(body.get("max_tokens") or 64)
+            max_tokens = 64 if body.get("max_tokens") is None else int(body["max_tokens"])  # 0 is not "default"
             if not 1 <= max_tokens <= MAX_NEW_TOKENS:
                 raise ValueError(f"`max_tokens` must be 1..{MAX_NEW_TOKENS}")
         except OverflowError as e:
@@ -245,6 +245,9 @@ def create_app(gw: Gateway) -> FastAPI:
             return _error(400, str(e))
         if not gw.store.add_feedback(body["request_id"], score, corr):
             return _error(404, f"unknown request_id {body['request_id']!r}")
+        served_by = gw.store.served_by(body["request_id"]) if score is not None else None
+        if served_by is not None:
+            gw.m_feedback.labels(*served_by).observe(score)
         return JSONResponse({"status": "recorded"})
 
     return app

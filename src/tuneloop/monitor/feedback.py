@@ -68,6 +68,12 @@ class FeedbackStore:
             s.add(Feedback(request_id=request_id, created=time.time(), score=score, correction=correction))
         return True
 
+    def served_by(self, request_id: str) -> tuple[str, str] | None:
+        """(model_version, variant) that answered a logged request; None if it is unknown."""
+        with Session(self.engine) as s:
+            r = s.get(Request, request_id)
+            return (r.model_version, r.variant) if r is not None else None
+
     def requests(self, since: float = 0.0) -> list[dict[str, Any]]:
         """Served requests since a time, each with its mean feedback score (None without feedback)."""
         from sqlalchemy import func

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny random Llama with a real BPE tokenizer (tuneloop.tiny), tiny run configs.
+
+Nothing is downloaded: the tokenizer is trained on the demo data's text, the model is a
+2-layer LlamaConfig with random weights, and both are saved with save_pretrained.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from tuneloop.tiny import tiny_run_config as tiny_config  # noqa: F401 - used by tests via conftest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ANN001
+    """Unmarked tests are unit tests; gpu tests skip without CUDA."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in ("integration", "gpu", "unit")):
+            item.add_marker(pytest.mark.unit)
+        if item.get_closest_marker("gpu") and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tuneloop.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

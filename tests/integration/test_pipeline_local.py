@@ -1,0 +1,53 @@
+"""The full pipeline through kfp.local on a tiny random model: real ZeRO-3 2-process training,
+real MLflow sqlite, real gateway process. Two runs on one state directory: the first is
+promoted; the second fails the evaluation gate and must be neither registered nor deployed."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_config
+
+pytestmark = pytest.mark.integration
+
+
+def test_pipeline_promotes_then_blocks_a_failing_candidate(tmp_path, tiny_model_dir, monkeypatch):
+    from safetensors.torch import load_file
+
+    from tuneloop.config import load_config
+    from tuneloop.orchestrate import run_local
+    from tuneloop.registry import Registry
+
+    monkeypatch.setenv("TUNELOOP_ZERO3_PARTITION_ALL", "1")  # tiny model: really partition every parameter
+    cfg = load_config(tiny_config(tmp_path, tiny_model_dir))
+    first = run_local(cfg, "tiny-run-1")
+
+    assert first["outcome"] == "promoted v1", first
+    assert first["aliases"] == {"champion": "1"}
+    names = [s["stage"] for s in first["stages"]]
+    assert names == ["check_prerequisites", "ingest", "validate_data", "sft", "dpo", "evaluate", "register", "deploy_canary",
+                     "analyze_canary", "promote"]
+    assert all(s["status"] == "FINISHED" for s in first["stages"])
+    reg = Registry(cfg)
+    sft_run = reg.client.search_runs([first["experiment_id"]], "tags.`tuneloop.stage` = 'sft'")[0]
+    losses = reg.client.get_metric_history(sft_run.info.run_id, "sft/loss")
+    assert len(losses) >= 2, "training loss was not logged as the run went"
+    assert sft_run.data.metrics["world_size"] == 2
+    v1 = reg.client.get_model_version("tiny-model", "1")
+    assert v1.tags["tuneloop.pipeline_run_id"] == first["parent_run_id"]
+    assert len(v1.tags["tuneloop.data_hash"]) == 64
+    adapter = reg.download_adapter(v1, tmp_path / "dl")
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    lora_b = [t for k, t in weights.items() if "lora_B" in k]
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b), "LoRA B starts at zero; training must move it"
+
+    cfg2 = load_config(tiny_config(tmp_path, tiny_model_dir, evaluate__gates=[
+        {"metric": "accuracy", "slice": "ticket_routing", "min": 0.99}]))
+    second = run_local(cfg2, "tiny-run-2")
+    assert second["outcome"] == "rejected by the evaluation gate"
+    assert second["gate"]["passed"] is False
+    failed = [r for r in second["gate"]["rules"] if not r["passed"]]
+    assert failed[0]["slice"] == "ticket_routing" and failed[0]["metric"] == "accuracy"
+    assert second["model_version"] is None
+    assert second["aliases"] == {"champion": "1"}, "a rejected candidate must not become canary or champion"
+    assert [v.version for v in reg.client.search_model_versions("name = 'tiny-model'")] == ["1"]
+    assert "deploy_canary" not in [s["stage"] for s in second["stages"]]
