@@ -123,6 +123,9 @@ def schedule(config: ConfigArg = None,
              experiment: Annotated[str, typer.Option(help="KFP experiment of the recurring run.")] = "tuneloop",
              job_name: Annotated[str | None, typer.Option(help="Recurring run name; default <name>-nightly.")] = None,
              namespace: Annotated[str | None, typer.Option(help="Kubeflow profile namespace.")] = None,
+             replace: Annotated[bool, typer.Option(help="Delete recurring runs of the same name in the experiment "
+                                                        "first (update the schedule instead of adding one).")]
+             = False,
              ) -> None:
     """Create a recurring pipeline run on a Kubeflow Pipelines endpoint."""
     from tuneloop.orchestrate import schedule as do_schedule
@@ -132,8 +135,38 @@ def schedule(config: ConfigArg = None,
     if len(cron.split()) != 6:
         _fail(f"--cron {cron!r}: KFP wants 6 fields (seconds minutes hours day month weekday)", 2)
     cfg = _load(config)
-    rid = do_schedule(cfg, host, experiment, cron, job_name or f"{cfg.name}-nightly", namespace)
+    rid = do_schedule(cfg, host, experiment, cron, job_name or f"{cfg.name}-nightly", namespace, replace=replace)
     console.print(f"created recurring run {rid} ({cron}) on {host}")
+
+
+@app.command("upload-pipeline")
+def upload_pipeline(
+        host: Annotated[str, typer.Option(help="Kubeflow Pipelines API endpoint, e.g. "
+                                               "http://ml-pipeline.kubeflow:8888.")] = "",
+        name: Annotated[str, typer.Option(help="Pipeline name in KFP; created on first upload, a new version "
+                                               "is added to it afterwards.")] = "tuneloop-continuous-training",
+        version: Annotated[str | None, typer.Option(help="Pipeline version name (unique within the pipeline); "
+                                                         "default <package version>-<UTC timestamp>.")] = None,
+        package: Annotated[Path | None, typer.Option(help="Compiled pipeline YAML; default: the one shipped "
+                                                          "with this package (`tuneloop compile`).")] = None,
+        description: Annotated[str | None, typer.Option(help="Description stored with the pipeline version.")]
+        = None,
+        namespace: Annotated[str | None, typer.Option(help="Kubeflow profile namespace (multi-user).")] = None,
+) -> None:
+    """Upload the compiled pipeline to Kubeflow Pipelines as a new pipeline version."""
+    import time
+
+    from tuneloop import __version__
+    from tuneloop.orchestrate import upload_pipeline as do_upload
+
+    if not host:
+        _fail("--host is required (the Kubeflow Pipelines endpoint)", 2)
+    if package is not None and not package.is_file():
+        _fail(f"--package {package}: no such file", 2)
+    version = version or f"{__version__}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    ids = do_upload(host, name, version, package, description, namespace)
+    console.print(f"uploaded pipeline {name!r} version {version!r} to {host} "
+                  f"(pipeline id {ids['pipeline_id']}, version id {ids['version_id']})")
 
 
 @app.command()

@@ -131,12 +131,21 @@ def submit(cfg: RunConfig, host: str, experiment: str, run_name: str | None,
 
 
 def schedule(cfg: RunConfig, host: str, experiment: str, cron: str, job_name: str,
-             namespace: str | None = None, max_concurrency: int = 1) -> str:
-    """Create a recurring run (cron in KFP's 6-field form, seconds first); returns its id."""
+             namespace: str | None = None, max_concurrency: int = 1, replace: bool = False) -> str:
+    """Create a recurring run (cron in KFP's 6-field form, seconds first); returns its id.
+    With `replace`, recurring runs of the same name in the experiment are deleted first, so
+    scheduling again (a Helm upgrade) updates the schedule instead of adding a second one."""
     import kfp
 
     client = kfp.Client(host=host, namespace=namespace)
     exp = client.create_experiment(experiment, namespace=namespace)
+    if replace:
+        same_name = json.dumps({"predicates": [{"key": "display_name", "operation": "EQUALS",
+                                                "string_value": job_name}]})
+        found = client.list_recurring_runs(experiment_id=exp.experiment_id, page_size=100, filter=same_name)
+        for old in found.recurring_runs or []:
+            client.delete_recurring_run(old.recurring_run_id)
+            log.info("deleted recurring run %s (%s)", old.recurring_run_id, job_name)
     with tempfile.TemporaryDirectory() as d:
         package = compile_pipeline(Path(d) / "pipeline.yaml")
         rr = client.create_recurring_run(
@@ -144,6 +153,23 @@ def schedule(cfg: RunConfig, host: str, experiment: str, cron: str, job_name: st
             max_concurrency=max_concurrency, pipeline_package_path=str(package),
             params={"config": cfg.to_pipeline_param(), "run_name": job_name}, enable_caching=False)
     return rr.recurring_run_id
+
+
+def upload_pipeline(host: str, pipeline_name: str, version_name: str, package: Path | None = None,
+                    description: str | None = None, namespace: str | None = None) -> dict[str, str]:
+    """Upload the compiled pipeline to Kubeflow Pipelines: a new pipeline the first time, a new
+    version of it afterwards. Returns {"pipeline_id", "version_id"}."""
+    import kfp
+
+    package = package or compiled_path()
+    client = kfp.Client(host=host, namespace=namespace)
+    pipeline_id = client.get_pipeline_id(pipeline_name)
+    if pipeline_id is None:
+        pipeline_id = client.upload_pipeline(str(package), pipeline_name=pipeline_name, description=description,
+                                             namespace=namespace).pipeline_id
+    version = client.upload_pipeline_version(str(package), pipeline_version_name=version_name,
+                                             pipeline_id=pipeline_id, description=description)
+    return {"pipeline_id": pipeline_id, "version_id": version.pipeline_version_id}
 
 
 def run_direct(cfg: RunConfig, run_name: str | None = None, work: Path | None = None) -> dict[str, Any]:

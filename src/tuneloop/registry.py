@@ -182,7 +182,7 @@ class Registry:
         for a in ALIASES:
             mv = self.alias_version(a)
             if mv is not None:
-                out[a] = mv.version
+                out[a] = str(mv.version)
         return out
 
     def download_adapter(self, version: Any, dest: Path) -> Path:

@@ -270,24 +270,23 @@ def canary_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def promote_stage(cfg: RunConfig, parent_id: str, version: str) -> dict[str, Any]:
-    from tuneloop.deploy.canary import promote
+def _end_rollout(cfg: RunConfig, parent_id: str, version: str, action: str) -> dict[str, Any]:
+    """promote or rollback (deploy/canary.py), then close the pipeline's parent run."""
+    from tuneloop.deploy import canary
 
     reg = Registry(cfg)
-    r = _timed(reg, parent_id, "promote", lambda run_id: {**promote(cfg, version),
-                                                           "outcome": f"v{version} @champion"})
-    reg.finish_pipeline_run(parent_id, f"promoted v{version}")
+    outcome = f"promoted v{version}" if action == "promote" else f"rolled back v{version}"
+    r = _timed(reg, parent_id, action, lambda run_id: {**getattr(canary, action)(cfg, version), "outcome": outcome})
+    reg.finish_pipeline_run(parent_id, outcome)
     return r
+
+
+def promote_stage(cfg: RunConfig, parent_id: str, version: str) -> dict[str, Any]:
+    return _end_rollout(cfg, parent_id, version, "promote")
 
 
 def rollback_stage(cfg: RunConfig, parent_id: str, version: str) -> dict[str, Any]:
-    from tuneloop.deploy.canary import rollback
-
-    reg = Registry(cfg)
-    r = _timed(reg, parent_id, "rollback", lambda run_id: {**rollback(cfg, version),
-                                                            "outcome": f"v{version} rolled back"})
-    reg.finish_pipeline_run(parent_id, f"rolled back v{version}")
-    return r
+    return _end_rollout(cfg, parent_id, version, "rollback")
 
 
 def stop_stage(cfg: RunConfig, parent_id: str, reason: str) -> dict[str, Any]:

@@ -83,10 +83,10 @@ def test_registry_lifecycle(backend, tmp_path, tiny_model_dir, request):
                              tags)
     assert again.version == mv.version, "retried registration must not create a duplicate version"
     assert len(reg.client.search_model_versions(f"name = '{cfg.registry.model_name}'")) == 1
-    assert reg.aliases() == {"challenger": mv.version}
+    assert reg.aliases() == {"challenger": str(mv.version)}
     reg.set_alias("champion", mv.version)
     reg.delete_alias("challenger")
-    assert reg.aliases() == {"champion": mv.version}
+    assert reg.aliases() == {"champion": str(mv.version)}
     got = reg.download_adapter(reg.alias_version("champion"), tmp_path / "cache")
     assert (got / "adapter_config.json").read_text() == '{"r": 4}'
     reg.finish_pipeline_run(parent, "promoted v1")

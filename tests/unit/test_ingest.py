@@ -202,7 +202,7 @@ def test_report_counts_add_up(result: dict[str, Any]) -> None:
     assert rep["per_reason"]["exact duplicate"] == 1  # grouped, not one key per duplicated id
     assert rep["per_reason"]["malformed JSON"] == 1 and rep["per_reason"]["oversized line"] == 1
     assert rep["per_reason"]["missing field `response`"] == 3  # row 6 and the two CSV rows
-    assert rep["feedback"] == {"rows": 0, "sft": 0, "preference": 0}
+    assert rep["feedback"] == {"rows": 0, "sft": 0, "preference": 0, "no_pair_empty_output": 0}
 
 
 def test_accepted_records_are_rendered_with_the_chat_template(result: dict[str, Any]) -> None:
@@ -381,7 +381,7 @@ def test_ingest_adds_feedback(corpus: dict[str, Path], formatter: ChatFormatter,
     store.add_feedback("r3", score=0.0, correction="Paris")
     rows = store.rows()
     rep = ingest(_cfg(corpus), formatter, tmp_path / "o", feedback_rows=rows)
-    assert rep["feedback"] == {"rows": 3, "sft": 2, "preference": 3}
+    assert rep["feedback"] == {"rows": 3, "sft": 2, "preference": 3, "no_pair_empty_output": 0}
     assert rep["read"] == rep["accepted"] + rep["quarantined"]
     sft = [r for r in _read(tmp_path / "o" / "sft.jsonl") if r["source"] == "feedback-store"]
     assert [(r["id"], r["user_text"], r["response"]) for r in sft] == [
@@ -398,3 +398,13 @@ def test_ingest_adds_feedback(corpus: dict[str, Path], formatter: ChatFormatter,
     assert rep["by_kind"]["preference"]["read"] == base["by_kind"]["preference"]["read"] + 3
     assert rep["data_hash"] != base["data_hash"]
 
+
+
+def test_feedback_on_an_empty_answer_makes_no_pair_and_is_counted() -> None:
+    stats: dict[str, int] = {}
+    rows = [_row("a", "q", "", score=0.0, correction="billing"), _row("b", "q", "", score=0.0),
+            _row("c", "q2", "", score=0.0), _row("d", "q2", "shipping", score=1.0)]
+    sft, pairs = feedback_to_training(rows, stats)
+    assert [r["response"] for r in sft] == ["billing"]
+    assert pairs == []
+    assert stats["no_pair_empty_output"] == 2

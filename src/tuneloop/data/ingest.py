@@ -214,12 +214,13 @@ def ingest(cfg: DataConfig, formatter: ChatFormatter, out: Path,
     ing.add_all("eval", cfg.eval, writers["eval"])
     ing.add_all("sft", [s for s in cfg.sources if s.kind == "sft"], writers["sft"])
     ing.add_all("preference", [s for s in cfg.sources if s.kind == "preference"], writers["preference"])
-    fb_counts = {"rows": 0, "sft": 0, "preference": 0}
+    fb_counts = {"rows": 0, "sft": 0, "preference": 0, "no_pair_empty_output": 0}
     if feedback_rows:
         from tuneloop.monitor.feedback import feedback_to_training
 
-        fb_sft, fb_pairs = feedback_to_training(feedback_rows)
-        fb_counts = {"rows": len(feedback_rows), "sft": len(fb_sft), "preference": len(fb_pairs)}
+        fb_stats: dict[str, int] = {}
+        fb_sft, fb_pairs = feedback_to_training(feedback_rows, fb_stats)
+        fb_counts = {"rows": len(feedback_rows), "sft": len(fb_sft), "preference": len(fb_pairs), **fb_stats}
         src = DataSource(path="feedback-store", slice="feedback")
         for i, rec in enumerate(fb_sft, 1):
             ing.add("sft", RawRecord("feedback-store", i, rec), src, writers["sft"])

@@ -97,12 +97,17 @@ class FeedbackStore:
                      "correction": f.correction, "created": f.created} for r, f in s.execute(q)]
 
 
-def feedback_to_training(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def feedback_to_training(rows: list[dict[str, Any]], stats: dict[str, int] | None = None,
+                         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Feedback rows -> (sft records, preference pairs) in ingest's raw schemas.
 
     A correction makes an SFT record and, against the model's answer, a preference pair.
-    Of two answers to the same prompt, the higher-scored one is `chosen`.
+    Of two answers to the same prompt, the higher-scored one is `chosen`. An empty model
+    answer makes no pair (there is no text to prefer against; the correction's SFT record
+    still teaches the answer); `stats["no_pair_empty_output"]` counts those.
     """
+    stats = stats if stats is not None else {}
+    stats.setdefault("no_pair_empty_output", 0)
     sft: list[dict[str, Any]] = []
     pairs: list[dict[str, Any]] = []
     for r in rows:
@@ -110,7 +115,9 @@ def feedback_to_training(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any
         corr = (r.get("correction") or "").strip()
         if corr:
             sft.append({"id": f"fb-{r['request_id']}-sft", "prompt": r["prompt"], "response": corr, **meta})
-            if corr != r["output"].strip():
+            if not r["output"].strip():
+                stats["no_pair_empty_output"] += 1
+            elif corr != r["output"].strip():
                 pairs.append({"id": f"fb-{r['request_id']}-corr", "prompt": r["prompt"], "chosen": corr,
                               "rejected": r["output"], **meta})
     by_prompt: dict[str, list[dict[str, Any]]] = {}
@@ -120,8 +127,12 @@ def feedback_to_training(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any
     for prompt, rs in by_prompt.items():
         rs = sorted(rs, key=lambda r: r["score"], reverse=True)
         best, worst = rs[0], rs[-1]
-        if best["score"] > worst["score"] and best["output"].strip() != worst["output"].strip():
-            pairs.append({"id": f"fb-{best['request_id']}-{worst['request_id']}", "prompt": prompt,
-                          "chosen": best["output"], "rejected": worst["output"],
-                          "slice": best["slice"] or "feedback", "model_version": best["model_version"]})
+        if best["score"] <= worst["score"] or best["output"].strip() == worst["output"].strip():
+            continue
+        if not best["output"].strip() or not worst["output"].strip():
+            stats["no_pair_empty_output"] += 1
+            continue
+        pairs.append({"id": f"fb-{best['request_id']}-{worst['request_id']}", "prompt": prompt,
+                      "chosen": best["output"], "rejected": worst["output"],
+                      "slice": best["slice"] or "feedback", "model_version": best["model_version"]})
     return sft, pairs

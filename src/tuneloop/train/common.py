@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,3 +192,12 @@ def save_adapter(trainer: Any, spec: JobSpec, tokenizer: Any) -> None:
         tokenizer.save_pretrained(str(out))
         for stray in out.glob("training_args.bin"):
             stray.unlink()
+
+
+def worker_main(stage: str, train: Callable[[JobSpec], None], argv: list[str] | None = None) -> None:
+    """`python -m tuneloop.train.<stage> SPEC.json` on every rank."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.exit(f"usage: python -m tuneloop.train.{stage} SPEC.json")
+    setup_logging()
+    train(JobSpec.read(argv[0]))

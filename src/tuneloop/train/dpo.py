@@ -7,11 +7,10 @@ Run by the launcher on every rank: `python -m tuneloop.train.dpo SPEC.json`.
 
 from __future__ import annotations
 
-import sys
 import time
 
-from tuneloop.train.common import (JobSpec, load_jsonl, progress_callback, save_adapter, setup_logging,
-                                   training_arguments, write_result)
+from tuneloop.train.common import (JobSpec, load_jsonl, progress_callback, save_adapter, training_arguments,
+                                   worker_main, write_result)
 
 
 def train_dpo(spec: JobSpec) -> None:
@@ -42,13 +41,5 @@ def train_dpo(spec: JobSpec) -> None:
     write_result(spec, trainer, started)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        sys.exit("usage: python -m tuneloop.train.dpo SPEC.json")
-    setup_logging()
-    train_dpo(JobSpec.read(argv[0]))
-
-
 if __name__ == "__main__":
-    main()
+    worker_main("dpo", train_dpo)
