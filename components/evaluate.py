@@ -21,8 +21,9 @@ def evaluate(config: dict, parent_run_id: str, dataset: Input[Dataset], adapter:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     r = evaluate_stage(parse_config(config), parent_run_id, Path(dataset.path), Path(adapter.path),
                        Path(evaluation.path))
-    for rule in r["gate"]["rules"]:
-        metrics.log_metric(f"{rule['slice']}.{rule['metric']}.candidate", rule["candidate"] or 0.0)
+    for who in ("candidate", "champion"):
+        for name, value in r["headline"][who].items():
+            metrics.log_metric(f"{who}.{name}", value)
     for cm in r["confusion"][:1]:
         confusion.log_confusion_matrix(cm["labels"], cm["matrix"])
     Path(report.path).write_text((Path(evaluation.path) / "report.md").read_text())

@@ -38,13 +38,13 @@ def continuous_training(config: dict, run_name: str = "tuneloop"):
         with dsl.If(ev.outputs["passed"] == True, name="evaluation-gate"):  # noqa: E712
             reg = c.register(config=config, parent_run_id=parent, adapter=dpo.outputs["adapter"],
                              evaluation=ev.outputs["evaluation"], dataset=data.outputs["dataset"])
-            dep = c.deploy_canary(config=config, parent_run_id=parent, version=reg.output)
-            ana = c.analyze_canary(config=config, parent_run_id=parent, version=reg.output,
+            dep = c.deploy_canary(config=config, parent_run_id=parent, version=reg.outputs["Output"])
+            ana = c.analyze_canary(config=config, parent_run_id=parent, version=reg.outputs["Output"],
                                    deployed_at=dep.output)
             with dsl.If(ana.outputs["decision"] == "promote", name="canary-healthy"):
-                c.promote(config=config, parent_run_id=parent, version=reg.output)
+                c.promote(config=config, parent_run_id=parent, version=reg.outputs["Output"])
             with dsl.Else(name="canary-unhealthy"):
-                c.rollback(config=config, parent_run_id=parent, version=reg.output)
+                c.rollback(config=config, parent_run_id=parent, version=reg.outputs["Output"])
             for t in (reg, dep, ana):
                 t.set_caching_options(False)
         with dsl.Else(name="evaluation-rejected"):

@@ -17,6 +17,8 @@ from tuneloop.tiny import tiny_run_config as tiny_config  # noqa: F401 - used by
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+# DeepSpeed's CPU op is compiled on first use (40 s to 2 min): once per machine, not once per test state dir
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "tuneloop-torch-extensions"))
 
 
 

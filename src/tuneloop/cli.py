@@ -182,6 +182,233 @@ def serve(config: ConfigArg = None, state_dir: StateDir = None, tracking_uri: Tr
     do_serve(cfg, host, port or int(cfg.deploy.gateway_url.rsplit(":", 1)[1].split("/")[0]))
 
 
+@app.command()
+def evaluate(
+    candidate: Annotated[Path, typer.Option(help="Candidate: a LoRA adapter folder or a save_pretrained model folder.")],
+    data: Annotated[list[str], typer.Option(help="Held-out eval file or folder (JSONL/CSV/Parquet: prompt, response, "
+                                                 "slice; preference pairs with chosen/rejected). Repeatable.")],
+    gates: Annotated[Path, typer.Option(help="YAML with the `evaluate` section of a run config: slices, gates, "
+                                             "optional safety.")],
+    out: Annotated[Path, typer.Option(help="Output folder: gate.json, report.md, metrics.json, predictions.jsonl.")],
+    champion: Annotated[Path | None, typer.Option(help="Champion (adapter or model folder); default: the base "
+                                                       "model stands in for it.")] = None,
+    base: Annotated[Path | None, typer.Option(help="Base model folder for adapters; default: the candidate "
+                                                   "adapter's base_model_name_or_path.")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="System message for every prompt (as in the run "
+                                                           "config's data.system_prompt).")] = None,
+) -> None:
+    """Score candidate and champion on the same held-out data per slice and apply the gate.
+
+    Exits 0 whether the gate passes or fails (the decision is in OUT/gate.json), non-zero on error.
+    """
+    from tuneloop.config import ConfigError
+    from tuneloop.data.readers import SourceError
+    from tuneloop.evaluate.run import evaluate_paths
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        result = evaluate_paths(candidate, champion, data, gates, out, base, system_prompt)
+    except (ConfigError, SourceError, FileNotFoundError, ValueError) as e:
+        _fail(str(e), 2)
+    g = result["gate"]
+    console.print(f"gate {'PASSED' if g['passed'] else 'FAILED'} (reference: {g['reference']}); "
+                  f"{sum(r['passed'] for r in g['rules'])}/{len(g['rules'])} rules pass")
+    for r in g["rules"]:
+        if not r["passed"]:
+            console.print(f"  FAIL {r['slice']}/{r['metric']}: {r['why']}")
+    console.print(f"wrote {out / 'gate.json'} and {out / 'report.md'}")
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[str], typer.Argument(help="Files or folders of .jsonl/.csv/.parquet records (folders are "
+                                                    "read recursively), local or s3://bucket/prefix/.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: accepted.jsonl, quarantine.jsonl, report.json "
+                                                    "(and eval.jsonl with --eval).")],
+    eval_: Annotated[list[str] | None, typer.Option(
+        "--eval", help="Held-out eval set (repeatable): training records that repeat or nearly repeat one of its "
+                       "prompts are quarantined as eval leaks.")] = None,
+    kind: Annotated[str, typer.Option(help="auto: records with chosen/rejected are preference pairs, the rest SFT "
+                                           "(messages or prompt/response); or sft, preference, classification.")]
+    = "auto",
+    template: Annotated[str | None, typer.Option(
+        help="Classification records: the instruction with record fields in braces, e.g. "
+             "'Route this ticket: {text}' (implies --kind classification).")] = None,
+    label_field: Annotated[str, typer.Option(help="Classification records: the field with the answer.")] = "label",
+    slice_: Annotated[str | None, typer.Option("--slice", help="Slice label for records that carry none "
+                                                                "(default: `default`).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto (from the file extension), jsonl, csv or parquet.")]
+    = "auto",
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="A save_pretrained folder with a chat template: accepted records also get prompt/completion (or "
+             "chosen/rejected) rendered with it. Without it records are checked, scrubbed and deduplicated but "
+             "not chat-formatted.")] = None,
+    pii: Annotated[bool, typer.Option("--pii/--no-pii", help="Scrub PII (Presidio pattern recognizers: email, "
+                                                             "phone, credit card, IBAN, IP, URL).")] = True,
+    near_dup: Annotated[float, typer.Option(help="Jaccard threshold for near-duplicate removal (MinHash LSH); "
+                                                 "0 turns it off.")] = 0.85,
+    max_prompt_chars: Annotated[int, typer.Option(help="Longer prompts are quarantined.")] = 4000,
+    max_response_chars: Annotated[int, typer.Option(help="Longer responses are quarantined.")] = 4000,
+) -> None:
+    """Check, scrub and deduplicate record files on their own (no config, no MLflow).
+
+    Exit 0 when the data was processed, even with quarantined records; 1 with a one-line error when an input cannot be read at all (missing file, unknown or broken format)."""
+    from tuneloop.data.ingest import ingest_paths
+    from tuneloop.data.readers import SourceError
+
+    if kind not in ("auto", "sft", "preference", "classification"):
+        _fail_line(f"--kind {kind!r}: use auto, sft, preference or classification", 2)
+    if fmt not in ("auto", "jsonl", "csv", "parquet"):
+        _fail_line(f"--format {fmt!r}: use auto, jsonl, csv or parquet", 2)
+    if kind == "classification" and template is None:
+        _fail_line("--kind classification needs --template, e.g. 'Route this ticket: {text}'", 2)
+    if not 0 <= near_dup <= 1:
+        _fail_line(f"--near-dup {near_dup}: a Jaccard threshold between 0 and 1", 2)
+    formatter = None
+    if tokenizer is not None:
+        formatter = _formatter(tokenizer)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        if template is not None:
+            from tuneloop.config import template_fields
+
+            template_fields(template)
+        out.mkdir(parents=True, exist_ok=True)
+        report = ingest_paths(paths, out, eval_paths=eval_ or [], kind=kind, template=template,
+                              label_field=label_field, slice_=slice_, fmt=fmt, formatter=formatter, pii=pii,
+                              near_threshold=near_dup, max_prompt_chars=max_prompt_chars,
+                              max_response_chars=max_response_chars)
+    except SourceError as e:
+        _fail_line(str(e).splitlines()[0])
+    except ValueError as e:  # a template that is not usable
+        _fail_line(str(e).splitlines()[0], 2)
+    except OSError as e:
+        _fail_line(f"{out}: {e.strerror or e}")
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(report["per_reason"].items(), key=lambda kv: -kv[1]))
+    typer.echo(f"read {report['read']}, accepted {report['accepted']}, quarantined {report['quarantined']}"
+               + (f" ({reasons})" if reasons else "") + f" -> {out}")
+
+
+def _fail_line(msg: str, code: int = 1) -> None:
+    """One line on stderr (no wrapping), then exit."""
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _formatter(tokenizer_dir: Path):
+    from tuneloop.data.formatting import ChatFormatter
+
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except ImportError:
+        _fail_line("--tokenizer needs transformers (pip install tuneloop[train])", 2)
+    except (OSError, ValueError) as e:
+        _fail_line(f"--tokenizer {tokenizer_dir}: cannot load a tokenizer: {str(e).splitlines()[0]}", 2)
+    if not getattr(tok, "chat_template", None) or tok.eos_token is None:
+        _fail_line(f"--tokenizer {tokenizer_dir}: has no chat template or no eos token", 2)
+    return ChatFormatter(tok)
+
+
+review_app = typer.Typer(help="Human review of candidate answers: export a sample, import ratings.",
+                         no_args_is_help=True)
+app.add_typer(review_app, name="review")
+
+
+@review_app.command("export")
+def review_export(
+    predictions: Annotated[Path, typer.Option(help="predictions.jsonl written by the evaluate stage.")],
+    out: Annotated[Path, typer.Option(help="CSV to hand to the raters (one row per item and rater).")],
+    per_slice: Annotated[int, typer.Option(help="Items sampled from every slice.")] = 10,
+    rater: Annotated[list[str], typer.Option(help="Rater id; repeat for each rater (at least two).")] = ["a", "b"],
+    seed: Annotated[int, typer.Option(help="Seed of the stratified sample.")] = 0,
+) -> None:
+    """Export a stratified sample of candidate answers with the rubric (helpfulness, harmlessness, honesty; 1-5)."""
+    from tuneloop.evaluate.review import export_sample
+
+    try:
+        counts = export_sample(predictions, out, per_slice, rater, seed)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e), 2)
+    console.print(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" items x {len(rater)} raters")
+
+
+@review_app.command("import")
+def review_import(
+    ratings: Annotated[list[Path], typer.Argument(help="Filled CSV file(s) from `tuneloop review export`.")],
+    min_kappa: Annotated[float, typer.Option(help="Refuse the ratings when agreement on any rubric dimension "
+                                                  "(Cohen's / Fleiss' kappa) is below this.")] = 0.4,
+    out: Annotated[Path | None, typer.Option(help="Write the summary (agreement, mean scores per slice) as JSON.")]
+    = None,
+) -> None:
+    """Import ratings, check inter-rater agreement, and summarise the scores per slice."""
+    import json
+
+    from tuneloop.evaluate.review import ReviewRejected, import_ratings
+
+    try:
+        summary = import_ratings(ratings, min_kappa)
+    except (ReviewRejected, FileNotFoundError) as e:
+        _fail(str(e), 3)
+    for dim, a in summary["agreement"].items():
+        console.print(f"{dim}: {a['statistic']} kappa {a['kappa']:.3f}")
+    if out:
+        out.write_text(json.dumps(summary, indent=2))
+        console.print(f"wrote {out}")
+
+
+@app.command()
+def monitor(config: ConfigArg = None, state_dir: StateDir = None, tracking_uri: TrackingUri = None,
+            out: Annotated[Path | None, typer.Option(help="Folder for monitor.json, monitor.prom and the drift "
+                                                          "report; default <state_dir>/monitor/<timestamp>.")] = None,
+            ) -> None:
+    """Check production (SLOs, feedback trend, prompt drift, feedback volume) and start a run when due.
+
+    What happens when retraining is due is the config's monitor.action: report, run, or submit.
+    Exits 0 after a check; the decision is in monitor.json and in MLflow.
+    """
+    import time as _time
+
+    from tuneloop.monitor.trigger import monitor as do_monitor
+
+    cfg = _load(config, state_dir, tracking_uri)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    target = out or cfg.state_path / "monitor" / _time.strftime("%Y%m%d-%H%M%S")
+    r = do_monitor(cfg, target)
+    slo = r["slo"]
+    console.print(f"champion {r['champion']}: {r['window_requests']} requests in the window, error rate "
+                  f"{slo['error_rate']:.3f}, p95 {_fmt(slo['p95_latency_ms'])} ms"
+                  f"{' (SLO BREACH)' if r['slo_breach'] else ''}")
+    console.print(f"feedback trend: {r['feedback_trend']['verdict']}; drift: "
+                  f"{r['drift'].get('note') or 'embedding score ' + _fmt(r['drift'].get('embedding_drift_score'))}; "
+                  f"feedback since champion: {r['feedback_volume']['since_champion']}")
+    console.print(f"retrain: {'DUE (' + ', '.join(r['reasons']) + ')' if r['retrain'] else 'not due'}; "
+                  f"action: {r['action']}; report in {target}")
+
+
+@app.command("feedback-service")
+def feedback_service(
+    database_url: Annotated[str, typer.Option(envvar="DATABASE_URL", help="SQLAlchemy URL of the feedback store "
+                                              "(postgresql+psycopg://... on a cluster; a sqlite path locally).")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port.")] = 8080,
+    config: Annotated[Path | None, typer.Option(help="Run config whose data.pii settings scrub what is stored; "
+                                                     "default: the default PII settings.")] = None,
+) -> None:
+    """The cluster's feedback service: KServe payload-logger events in, user feedback in, PII-scrubbed."""
+    import uvicorn
+
+    from tuneloop.config import PiiConfig
+    from tuneloop.data.pii import PiiScrubber
+    from tuneloop.monitor.feedback import FeedbackStore
+    from tuneloop.monitor.service import create_feedback_service
+
+    pii = _load(config).data.pii if config else PiiConfig()
+    store = FeedbackStore(database_url, scrubber=PiiScrubber(pii) if pii.enabled else None)
+    uvicorn.run(create_feedback_service(store), host=host, port=port, log_level="warning")
+
+
 @app.command("config-reference")
 def config_reference() -> None:
     """Print every config key with its type, default and meaning (Markdown)."""

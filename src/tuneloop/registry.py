@@ -5,6 +5,7 @@ that say which base model it applies to and where it came from (data hash, pipel
 git sha). Aliases carry the rollout state:
     challenger  passed the gate, registered
     canary      serving a share of traffic
+    shadow      receiving a mirror of all traffic, answers logged only (deploy.canary.mode: shadow)
     champion    serving everyone
     previous    the champion before the last promotion (rollback target)
 """
@@ -27,7 +28,7 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 log = logging.getLogger("tuneloop.registry")
 
-ALIASES = ("challenger", "canary", "champion", "previous")
+ALIASES = ("challenger", "canary", "shadow", "champion", "previous")
 TAG_PIPELINE_RUN = "tuneloop.pipeline_run_id"
 TAG_KFP_RUN = "tuneloop.kfp_run_id"
 TAG_DATA_HASH = "tuneloop.data_hash"
@@ -36,6 +37,7 @@ TAG_STAGE = "tuneloop.stage"
 TAG_BASE_MODEL = "tuneloop.base_model"
 TAG_BASE_PATH = "tuneloop.base_model_path"
 TAG_CANARY_PERCENT = "tuneloop.canary_percent"
+TAG_TRAINED_SLICES = "tuneloop.trained_slices"  # slices the version learned: each must stay evaluated
 
 
 def git_sha() -> str:

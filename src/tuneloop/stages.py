@@ -8,17 +8,20 @@ the state directory and read from there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tuneloop.config import RunConfig
+from tuneloop.data.validate import FEEDBACK_SLICE
 from tuneloop.registry import (TAG_BASE_MODEL, TAG_BASE_PATH, TAG_DATA_HASH, TAG_GIT_SHA, TAG_PIPELINE_RUN,
-                               Registry, git_sha)
+                               TAG_TRAINED_SLICES, Registry, git_sha)
 
 log = logging.getLogger("tuneloop.stages")
 
@@ -63,10 +66,8 @@ def check_prerequisites(cfg: RunConfig, run_name: str, kfp_run_id: str) -> dict[
     started = time.perf_counter()
     problems = []
     for src in [*cfg.data.sources, *cfg.data.eval]:
-        if "://" in src.path:
-            continue
         try:
-            expand(src.path, src.format)
+            expand(src.path, src.format, src.storage_options)  # s3:// too: listed through fsspec
         except SourceError as e:
             problems.append(str(e))
     if cfg.deploy.backend == "local":
@@ -100,6 +101,7 @@ def ingest_stage(cfg: RunConfig, parent_id: str, out: Path) -> dict[str, Any]:
 
     from tuneloop.data.formatting import ChatFormatter, check_tokenizer
     from tuneloop.data.ingest import ingest
+    from tuneloop.data.replay import champion_training_data
     from tuneloop.monitor.feedback import FeedbackStore
 
     reg = Registry(cfg)
@@ -109,16 +111,10 @@ def ingest_stage(cfg: RunConfig, parent_id: str, out: Path) -> dict[str, Any]:
         tok = AutoTokenizer.from_pretrained(str(base))
         check_tokenizer(tok, AutoConfig.from_pretrained(str(base)), f"base_model {base}")
         rows = FeedbackStore(cfg.feedback_db).rows() if cfg.data.use_feedback else []
-        report = ingest(cfg.data, ChatFormatter(tok, cfg.data.system_prompt), out, rows)
-        reg.log_metrics(run_id, {"read": report["read"], "accepted": report["accepted"],
-                                 "quarantined": report["quarantined"],
-                                 "feedback_preference_pairs": report["feedback"]["preference"],
-                                 "feedback_sft_records": report["feedback"]["sft"]})
-        for kind, c in report["by_kind"].items():
-            reg.log_metrics(run_id, {f"{kind}.{k}": v for k, v in c.items() if isinstance(v, int)})
-            reg.log_metrics(run_id, {f"{kind}.slice.{s}": n for s, n in c["per_slice"].items()})
-        reg.client.set_tag(run_id, TAG_DATA_HASH, report["data_hash"])
-        reg.client.set_tag(parent_id, TAG_DATA_HASH, report["data_hash"])
+        champion = champion_training_data(reg, cfg.state_path / "champion-data") if cfg.data.replay_share > 0 \
+            else None
+        report = ingest(cfg.data, ChatFormatter(tok, cfg.data.system_prompt), out, rows, champion)
+        log_data_lineage(reg, run_id, parent_id, report)
         for kind, ctx in (("sft", "training"), ("preference", "training"), ("eval", "evaluation")):
             reg.log_dataset(run_id, out / f"{kind}.jsonl", f"{cfg.name}-{kind}", report["file_sha256"][kind], ctx)
         reg.log_artifacts(run_id, out, "dataset")
@@ -127,10 +123,48 @@ def ingest_stage(cfg: RunConfig, parent_id: str, out: Path) -> dict[str, Any]:
     return _timed(reg, parent_id, "ingest", run)
 
 
+def _metric_key(s: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", s)[:200]
+
+
+def log_data_lineage(reg: Registry, run_id: str, parent_id: str, report: dict[str, Any]) -> None:
+    """Ingest's counts as MLflow metrics/params/tags: rows per kind, slice and source, quarantine
+    reasons, PII per entity type, dedup, replay; the content hash as a tag on the stage and parent run."""
+    reg.log_metrics(run_id, {"read": report["read"], "accepted": report["accepted"],
+                             "quarantined": report["quarantined"],
+                             "feedback_preference_pairs": report["feedback"]["preference"],
+                             "feedback_sft_records": report["feedback"]["sft"]})
+    for kind, c in report["by_kind"].items():
+        reg.log_metrics(run_id, {f"{kind}.{k}": v for k, v in c.items() if isinstance(v, int)})
+        reg.log_metrics(run_id, {_metric_key(f"{kind}.slice.{s}"): n for s, n in c["per_slice"].items()})
+        reg.log_metrics(run_id, {_metric_key(f"{kind}.source.{s}"): n for s, n in c["per_source"].items()})
+    reg.log_metrics(run_id, {_metric_key(f"quarantine.{r}"): n for r, n in report["per_reason"].items()})
+    pii = report.get("pii", {})
+    reg.log_metrics(run_id, {_metric_key(f"pii.{e}"): n for e, n in pii.get("entities", {}).items()})
+    reg.log_metrics(run_id, {f"pii.{k}": pii[k] for k in ("texts_seen", "texts_analyzed", "texts_changed")
+                             if k in pii})
+    dd = report.get("dedup", {})
+    reg.log_metrics(run_id, {f"dedup.{k}": v for k, v in dd.items() if isinstance(v, (int, float))})
+    rp = report.get("replay", {})
+    reg.log_metrics(run_id, {f"replay.{k}": v for k, v in rp.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    reg.log_params(run_id, {"replay.champion_version": rp.get("champion_version") or "none",
+                            "replay.note": rp.get("note", ""), "pii.nlp_model": pii.get("nlp_model", "")})
+    for k, v in report["file_sha256"].items():
+        reg.client.set_tag(run_id, f"tuneloop.sha256.{k}", v)
+    reg.client.set_tag(run_id, TAG_DATA_HASH, report["data_hash"])
+    reg.client.set_tag(parent_id, TAG_DATA_HASH, report["data_hash"])
+
+
 # 3 -------------------------------------------------------------------------------------------
 def validate_stage(cfg: RunConfig, parent_id: str, dataset: Path, out: Path) -> dict[str, Any]:
+    """The GX data gate, then the drift report against the champion's training data (out/drift/)."""
     from transformers import AutoTokenizer
 
+    from tuneloop.data.drift import drift_report
+    from tuneloop.data.replay import champion_training_data
     from tuneloop.data.validate import validate_dataset
 
     reg = Registry(cfg)
@@ -140,8 +174,16 @@ def validate_stage(cfg: RunConfig, parent_id: str, dataset: Path, out: Path) -> 
         report = validate_dataset(cfg, dataset, tok, out)
         reg.log_metrics(run_id, {"checks": len(report["checks"]), "failed_checks": len(report["failed"]),
                                  "passed": float(report["passed"])})
+        champion = champion_training_data(reg, cfg.state_path / "champion-data") if cfg.data.drift.enabled \
+            else None
+        drift = drift_report(dataset / "sft.jsonl", champion.sft if champion else None, out / "drift",
+                             cfg.data.drift, f"champion v{champion.version} training data" if champion else "")
+        reg.log_metrics(run_id, {f"drift.{k}": v for k, v in drift.items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        reg.client.set_tag(run_id, "tuneloop.drift_reference", drift.get("reference") or "none")
         reg.log_artifacts(run_id, out, "validation")
-        return {"passed": report["passed"], "failed": report["failed"],
+        return {"passed": report["passed"], "failed": report["failed"], "drift": drift,
+                "drift_html": str(out / "drift" / "drift.html"),
                 "outcome": "passed" if report["passed"] else f"FAILED ({len(report['failed'])} checks)"}
 
     return _timed(reg, parent_id, "validate_data", run)
@@ -165,11 +207,14 @@ def _train(cfg: RunConfig, parent_id: str, stage: str, data: Path, out: Path,
             return {"outcome": f"skipped ({reason}); adapter passed through", "skipped": True}
         reg.log_params(run_id, {f"{stage}.{k}": v for k, v in section.model_dump().items()})
         reg.log_params(run_id, {"deepspeed": cfg.train.deepspeed, "nproc_per_node": cfg.train.nproc_per_node,
+                                "backend": cfg.train.backend, "num_nodes": cfg.train.num_nodes,
+                                "method": cfg.train.method,
                                 **{f"lora.{k}": v for k, v in cfg.train.lora.model_dump().items()}})
         spec = build_spec(cfg, stage, base_model_dir(cfg), data, out, init_adapter,
-                          {"tracking_uri": reg.uri, "run_id": run_id})
-        result = launch(cfg, spec)
-        reg.log_metrics(run_id, {k: v for k, v in result.items() if isinstance(v, (int, float))})
+                          {"tracking_uri": reg.uri, "run_id": run_id}, pipeline_run=parent_id)
+        result = launch(cfg, spec, parent_id)  # a rerun of this pipeline run resumes from its checkpoints
+        reg.log_metrics(run_id, {k: v for k, v in result.items() if isinstance(v, (int, float))
+                                 and not isinstance(v, bool)})
         return {**result, "adapter": str(out / "adapter"),
                 "outcome": f"{result['steps']} steps, loss {result['first_loss']:.3f} -> {result['final_loss']:.3f}, "
                            f"{result['tokens_per_s']:.0f} tokens/s"}
@@ -195,16 +240,24 @@ def evaluate_stage(cfg: RunConfig, parent_id: str, dataset: Path, candidate: Pat
         champ = reg.alias_version("champion")
         champ_adapter = reg.download_adapter(champ, cfg.state_path / "serving") if champ else None
         ref_name = f"champion v{champ.version}" if champ else "base model"
-        result = evaluate_models(cfg, base_model_dir(cfg), dataset / "eval.jsonl", candidate / "adapter",
-                                 champ_adapter, ref_name, out)
+        trained = [s for s in champ.tags.get(TAG_TRAINED_SLICES, "").split(",") if s] if champ else []
+        result = evaluate_models(cfg.evaluate, base_model_dir(cfg), dataset / "eval.jsonl", candidate / "adapter",
+                                 champ_adapter, ref_name, out, cfg.data.system_prompt,
+                                 dataset / "eval_preference.jsonl", trained)
         for who in ("candidate", "champion", "base"):
             for sl, m in result["metrics"].get(who, {}).items():
-                reg.log_metrics(run_id, {f"{who}.{sl}.{k}": v for k, v in m.items() if isinstance(v, (int, float))})
+                reg.log_metrics(run_id, {f"{who}.{sl}.{k}": v for k, v in m.items()
+                                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
         reg.log_artifacts(run_id, out, "evaluation")
         g = result["gate"]
         confusion = [m["confusion"] for sl, m in sorted(result["metrics"]["candidate"].items())
                      if "confusion" in m and sl != "all"]
+        gated = {(r["slice"], r["metric"]) for r in g["rules"]}
+        headline = {who: {f"{sl}.{m}": float(v) for sl, ms in result["metrics"][who].items()
+                          for m, v in ms.items() if (sl, m) in gated and isinstance(v, (int, float))}
+                    for who in ("candidate", "champion")}
         return {"passed": g["passed"], "gate": g, "confusion": confusion, "metrics": result["metrics"],
+                "headline": headline,
                 "outcome": "gate PASSED" if g["passed"] else
                 f"gate FAILED: {', '.join(r['slice'] + '/' + r['metric'] for r in g['rules'] if not r['passed'])}"}
 
@@ -214,20 +267,37 @@ def evaluate_stage(cfg: RunConfig, parent_id: str, dataset: Path, candidate: Pat
 # 7 -------------------------------------------------------------------------------------------
 def register_stage(cfg: RunConfig, parent_id: str, candidate: Path, evaluation: Path,
                    dataset: Path) -> dict[str, Any]:
+    from tuneloop.evaluate.model_card import model_card
+
     reg = Registry(cfg)
 
     def run(run_id: str) -> dict[str, Any]:
         gate = json.loads((evaluation / "gate.json").read_text())
         if not gate["passed"]:
             raise RuntimeError("register: the evaluation gate did not pass; refusing to register")
-        data_hash = json.loads((dataset / "report.json").read_text())["data_hash"]
+        report = json.loads((dataset / "report.json").read_text())
+        data_hash = report["data_hash"]
+        # skills this version learned (the catch-all feedback slice has no eval set of its own)
+        trained = sorted((set(report["by_kind"]["sft"]["per_slice"]) | set(report["by_kind"]["preference"]["per_slice"]))
+                         - {FEEDBACK_SLICE})
         tags = {TAG_PIPELINE_RUN: parent_id, TAG_DATA_HASH: data_hash, TAG_GIT_SHA: git_sha(),
+                TAG_TRAINED_SLICES: ",".join(trained),
                 TAG_BASE_MODEL: cfg.base_model.name, TAG_BASE_PATH: str(base_model_dir(cfg)),
                 "tuneloop.loop": cfg.name}
+        tags["tuneloop.config_sha256"] = hashlib.sha256(
+            json.dumps(cfg.to_pipeline_param(), sort_keys=True).encode()).hexdigest()
         mv = reg.register(run_id, candidate / "adapter", tags)
+        version = str(mv.version)
         reg.log_artifacts(run_id, evaluation, "evaluation")
-        reg.client.set_tag(parent_id, "tuneloop.model_version", mv.version)
-        return {"version": str(mv.version), "outcome": f"{cfg.registry.model_name} v{mv.version} @challenger"}
+        card = model_card(cfg, version, tags, report, json.loads((evaluation / "metrics.json").read_text()), gate)
+        card_dir = Path(tempfile.mkdtemp())
+        (card_dir / "model_card.md").write_text(card)
+        (card_dir / "run_config.json").write_text(json.dumps(cfg.to_pipeline_param(), indent=2))
+        reg.log_artifacts(run_id, card_dir, "model_card")
+        reg.client.update_model_version(cfg.registry.model_name, version, description=card)
+        reg.client.set_tag(parent_id, "tuneloop.model_version", version)
+        return {"version": version, "model_card": card,
+                "outcome": f"{cfg.registry.model_name} v{version} @challenger"}
 
     return _timed(reg, parent_id, "register", run)
 

@@ -101,3 +101,46 @@ def tiny_run_config(tmp: Path, model_dir: Path, **overrides) -> Path:
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def tiny_training_files(out: Path, model_dir: Path, n_sft: int = 48, n_pref: int = 24) -> tuple[Path, Path]:
+    """`sft.jsonl` (prompt/completion) and `preference.jsonl` (prompt/chosen/rejected) from the demo data,
+    chat-formatted with the model's template as ingest writes them, for training tests and benchmarks
+    that skip the data stages."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    eot = "<|im_end|>\n"
+
+    def prompt(text: str) -> str:
+        return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                       tokenize=False)
+
+    rows = []
+    for src in ("train/tickets.jsonl", "train/general.jsonl"):
+        rows += [json.loads(line) for line in (DEMO_DATA / src).read_text().splitlines() if line.strip()]
+    rows = rows[::max(1, len(rows) // n_sft)][:n_sft]
+    prefs = [json.loads(line) for line in (DEMO_DATA / "preferences.jsonl").read_text().splitlines()
+             if line.strip()][:n_pref]
+    out.mkdir(parents=True, exist_ok=True)
+    sft, pref = out / "sft.jsonl", out / "preference.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": prompt(r["prompt"]), "completion": r["response"] + eot}) + "\n"
+                           for r in rows))
+    pref.write_text("".join(json.dumps({"prompt": prompt(r["prompt"]), "chosen": r["chosen"] + eot,
+                                        "rejected": r["rejected"] + eot}) + "\n" for r in prefs))
+    return sft, pref
+
+
+def build_random_adapter(model_dir: Path, out: Path, seed: int, alpha: int = 256) -> Path:
+    """A real LoRA adapter with random (non-zero) weights: a distinct 'version' of the tiny model
+    whose answers differ from the base, without training (serving and rollout tests)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(model_dir)), LoraConfig(
+        r=8, lora_alpha=alpha, init_lora_weights=False, target_modules=["q_proj", "v_proj", "o_proj"],
+        task_type="CAUSAL_LM"))
+    model.save_pretrained(str(out))
+    return out

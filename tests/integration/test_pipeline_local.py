@@ -49,5 +49,5 @@ def test_pipeline_promotes_then_blocks_a_failing_candidate(tmp_path, tiny_model_
     assert failed[0]["slice"] == "ticket_routing" and failed[0]["metric"] == "accuracy"
     assert second["model_version"] is None
     assert second["aliases"] == {"champion": "1"}, "a rejected candidate must not become canary or champion"
-    assert [v.version for v in reg.client.search_model_versions("name = 'tiny-model'")] == ["1"]
+    assert [str(v.version) for v in reg.client.search_model_versions("name = 'tiny-model'")] == ["1"]
     assert "deploy_canary" not in [s["stage"] for s in second["stages"]]

@@ -92,9 +92,10 @@ def test_all_rules_must_pass_and_table_shows_failures() -> None:
     assert table.startswith("**Gate: FAILED** (reference: base model)")
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 3
-    assert rows[0] == "| tickets | accuracy | 0.8000 | 0.4000 | min 0.5000 | pass |"
-    assert rows[1] == "| qa | token_f1 | 0.3000 | 0.6000 | max_regression 0.5000 | **FAIL** |"
-    assert rows[2].endswith("| max 2.0000 | pass |")
+    assert rows[0] == "| tickets | accuracy | 0.8000 | 0.4000 | min 0.5000 | pass | candidate 0.8000 >= floor 0.5 |"
+    assert rows[1].startswith("| qa | token_f1 | 0.3000 | 0.6000 | max_regression 0.5000 | **FAIL** | ")
+    assert "change -0.3000, allowed -0.1" in rows[1]
+    assert "| max 2.0000 | pass |" in rows[2]
     assert table.count("**FAIL**") == 1
     passing = apply_gates(rules[:1], cand, champ, "base model")
     assert passing["passed"] and "**Gate: PASSED**" in gate_table(passing) and "FAIL" not in gate_table(passing)
@@ -173,7 +174,7 @@ def test_classification_metrics(metrics: dict[str, dict[str, Any]]) -> None:
     assert t["accuracy"] == pytest.approx(0.5)
     assert t["macro_f1"] == pytest.approx((2 / 3 + 1 / 2) / 2)  # billing 2/3, shipping 2/4
     assert t["exact_match"] == pytest.approx(0.5)
-    assert t["per_record_exact_match"] == [1.0, 0.0, 0.0, 1.0]
+    assert "per_record_exact_match" not in t  # per-record values stay internal (record_values)
     assert t["token_f1"] == pytest.approx(0.5)
 
 
@@ -202,3 +203,73 @@ def test_gates_over_slice_metrics(metrics: dict[str, dict[str, Any]]) -> None:
     rules = [rule("accuracy", "tickets", min=0.5), rule("nll", "all", max=2.0), rule("token_f1", "qa", min=0.5)]
     d = apply_gates(rules, metrics, metrics, "champion")
     assert [e["passed"] for e in d["rules"]] == [True, True, False]
+
+
+def test_record_values_and_cost_matrix() -> None:
+    from tuneloop.config import SliceConfig
+    from tuneloop.evaluate.metrics import metric_from_values, record_values
+
+    sl = SliceConfig(task="classification", labels=["positive", "negative"],
+                     costs={"negative": {"positive": 5.0}})
+    rows = [_rec("s", "positive", "negative", 1.0, 1),  # costly error: 5
+            _rec("s", "negative", "positive", 1.0, 1),  # unlisted error: 1
+            _rec("s", "maybe", "positive", 1.0, 1),     # not a label: (other), 1
+            _rec("s", "negative", "negative", 1.0, 1)]  # correct: 0
+    v = record_values(rows, sl)
+    assert v["cost"].tolist() == [5.0, 1.0, 1.0, 0.0]
+    assert metric_from_values(v, "cost") == pytest.approx(7 / 4)
+    assert v["exact_match"].tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert metric_from_values(v, "rouge_l") == pytest.approx(0.25)
+
+
+def test_paired_bootstrap_interval_brackets_the_true_difference() -> None:
+    import numpy as np
+
+    from tuneloop.evaluate.metrics import paired_bootstrap
+
+    n = 400
+    rng = np.random.default_rng(1)
+    base = rng.random(n) < 0.7
+    better = base | (rng.random(n) < 0.5)  # strictly better on the same records
+    def vals(x):  # noqa: ANN001, ANN202
+        return {"nll_sum": np.ones(n), "n_tokens": np.ones(n), "accuracy": x.astype(float)}
+    lo, hi = paired_bootstrap(vals(better), vals(base), "accuracy", 1000, 0.95, 0)
+    true = better.mean() - base.mean()
+    assert lo <= true <= hi and lo > 0
+    lo, hi = paired_bootstrap(vals(base), vals(base), "accuracy", 500, 0.95, 0)
+    assert lo == hi == 0.0  # identical models: no uncertainty in the paired difference
+
+
+def _vals(correct) -> dict:  # noqa: ANN001
+    import numpy as np
+
+    a = np.array(correct, dtype=float)
+    return {"nll_sum": np.ones(len(a)), "n_tokens": np.ones(len(a)), "accuracy": a}
+
+
+def test_confidence_gate_on_a_tiny_noisy_slice_is_inconclusive_not_lucky() -> None:
+    """8 records, the candidate 1 worse: the point estimate (-0.125) breaks a 0.1 tolerance, but the
+    interval is wide -> inconclusive, decided by the policy rather than by the noise."""
+    champ, cand = [1, 1, 1, 1, 0, 1, 0, 1], [1, 1, 1, 0, 0, 1, 0, 1]
+    m = {"s": {"accuracy": sum(cand) / 8}}, {"s": {"accuracy": sum(champ) / 8}}
+    values = {"candidate": {"s": _vals(cand)}, "champion": {"s": _vals(champ)}}
+    for policy, expect in (("fail", False), ("pass", True)):
+        r = rule("accuracy", "s", max_regression=0.1, confidence=0.95, inconclusive=policy)
+        d = apply_gates([r], *m, "champion v1", values, bootstrap_samples=500)
+        assert d["rules"][0]["verdict"] == "inconclusive" and d["passed"] is expect
+    point = apply_gates([rule("accuracy", "s", max_regression=0.1)], *m, "champion v1")
+    assert point["passed"] is False  # without confidence the noise decides
+
+
+def test_confidence_gate_decides_when_the_data_is_clear() -> None:
+    n = 300
+    champ = [1] * n
+    same = apply_gates([rule("accuracy", "s", max_regression=0.05, confidence=0.95)],
+                       {"s": {"accuracy": 1.0}}, {"s": {"accuracy": 1.0}}, "champion",
+                       {"candidate": {"s": _vals(champ)}, "champion": {"s": _vals(champ)}}, 300)
+    assert same["rules"][0]["verdict"] == "pass"
+    forgot = [1 if i % 2 else 0 for i in range(n)]  # drops from 1.0 to 0.5
+    bad = apply_gates([rule("accuracy", "s", max_regression=0.05, confidence=0.95, inconclusive="pass")],
+                      {"s": {"accuracy": 0.5}}, {"s": {"accuracy": 1.0}}, "champion",
+                      {"candidate": {"s": _vals(forgot)}, "champion": {"s": _vals(champ)}}, 300)
+    assert bad["rules"][0]["verdict"] == "fail" and bad["passed"] is False

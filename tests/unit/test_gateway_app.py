@@ -24,7 +24,8 @@ def gw(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Gatewa
     cfg = load_config(tiny_config(tmp_path_factory.mktemp("gateway"), tiny_model_dir))
     gw = Gateway(cfg)
     state = gw.reload()
-    assert state == {"champion": "base", "canary": None, "canary_percent": 0}  # no registry aliases yet
+    assert state == {"champion": "base", "canary": None, "shadow": None, "canary_percent": 0,
+                     "faults": {}}  # no registry aliases yet
     return gw
 
 
@@ -61,7 +62,8 @@ def error_message(r: Any) -> str:
 def test_healthz(client: Any) -> None:
     r = client.get("/healthz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "champion": "base", "canary": None, "canary_percent": 0}
+    assert r.json() == {"status": "ok", "champion": "base", "canary": None, "shadow": None, "canary_percent": 0,
+                        "faults": {}}
 
 
 def test_models_lists_the_base_model(client: Any) -> None:
@@ -224,3 +226,15 @@ def test_reload_keeps_serving_the_base_model(client: Any) -> None:
     r = client.post("/admin/reload")
     assert r.status_code == 200 and r.json()["champion"] == "base"
     assert ask(client).status_code == 200
+
+
+def test_fault_injection_fails_only_the_chosen_variant_and_clears(client: TestClient, gw: Gateway) -> None:
+    r = client.post("/admin/faults", json={"variant": "champion", "error_rate": 1.0})
+    assert r.status_code == 200 and r.json()["faults"] == {"champion": {"error_rate": 1.0, "added_latency_ms": 0.0}}
+    bad = client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert bad.status_code == 500 and "injected fault" in bad.json()["error"]["message"]
+    assert client.post("/admin/faults", json={"variant": "champion"}).json()["faults"] == {}
+    ok = client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert ok.status_code == 200
+    assert client.post("/admin/faults", json={"variant": "nope", "error_rate": 1}).status_code == 400
+    assert client.post("/admin/faults", json={"variant": "canary", "error_rate": 2}).status_code == 400

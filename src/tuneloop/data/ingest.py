@@ -1,18 +1,35 @@
 """Ingest: sources + feedback store -> formatted SFT records, preference pairs and eval set.
 
 Output folder (the `dataset` artifact of the pipeline):
-    sft.jsonl          {id, slice, source, prompt, completion, user_text, response}
-    preference.jsonl   {id, slice, source, prompt, chosen, rejected}
-    eval.jsonl         {id, slice, source, prompt, completion, user_text, response}
+    sft.jsonl          {id, slice, source, prompt, completion, user_text, response, turns}
+    preference.jsonl   {id, slice, source, prompt, chosen, rejected, user_text}
+    eval.jsonl         {id, slice, source, prompt, completion, user_text, response, turns}
+    eval_preference.jsonl  held-out preference pairs (data.eval sources of kind preference)
     quarantine.jsonl   {source, row, reason, record} - every record not accepted, with its reason
     report.json        counts (read = accepted + quarantined, per reason/slice/source), content hash
 
 `prompt`/`completion`/`chosen`/`rejected` are rendered with the base model's chat template
-(see formatting.py); `user_text`/`response` keep the plain text for evaluation and reports.
+(see formatting.py); `user_text`/`response` keep the plain text for evaluation and reports,
+`turns` the conversation before the answer (so the record can be rendered again, e.g. when
+it is replayed into a later run). Without a formatter (`tuneloop ingest` with no tokenizer)
+the rendered fields are left out.
+
+Per record, in this order: parse and check the schema (sft: messages or prompt/response;
+classification: `template` filled from the record's fields, the label as the answer;
+preference: prompt/chosen/rejected), scrub PII from every text (pii.py: Presidio behind a
+pre-filter; quarantined records are scrubbed too, since the quarantine is logged), exact
+dedup on the normalized content, id check, eval leak (exact prompt, then near-duplicate
+prompt), near-duplicate of an earlier record of the same kind (dedup.py), render, write.
+A record that fails a step is quarantined with the reason; read = accepted + quarantined.
+
+After the new SFT records, a share of the champion's training records is replayed
+(replay.py) through the same steps, so replayed records are scrubbed, deduplicated against
+the new data and checked against the current eval set like any other.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,8 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneloop.config import DataConfig, DataSource
+from tuneloop.config import DataConfig, DataSource, template_fields
 from tuneloop.data.formatting import ChatFormatter
+from tuneloop.data.pii import PiiScrubber
 from tuneloop.data.readers import RawRecord, read_records
 
 log = logging.getLogger("tuneloop.ingest")
@@ -91,6 +109,10 @@ def _reason_key(reason: str) -> str:
     """Group reasons for counting: 'field `x` is too long (…)' -> 'field `x` is too long'."""
     if reason.startswith("exact duplicate of "):  # one group, not one per duplicated id
         return "exact duplicate"
+    if reason.startswith("near duplicate of "):
+        return "near duplicate"
+    if reason.startswith("eval leak (near duplicate)"):
+        return "eval leak (near duplicate)"
     return re.sub(r"\s*\(.*\)$|: .*$| at .*$", "", reason)
 
 
@@ -100,7 +122,7 @@ class _Writer:
         self.sha = hashlib.sha256()
 
     def write(self, obj: dict[str, Any]) -> None:
-        line = json.dumps(obj, ensure_ascii=False) + "\n"
+        line = json.dumps(obj, ensure_ascii=False, default=str) + "\n"  # Parquet dates, bytes: as text
         self.f.write(line)
         self.sha.update(line.encode())
 
@@ -110,12 +132,15 @@ class _Writer:
 
 
 class Ingestor:
-    def __init__(self, cfg: DataConfig, formatter: ChatFormatter, out: Path) -> None:
+    def __init__(self, cfg: DataConfig, formatter: ChatFormatter | None, out: Path,
+                 scrubber: PiiScrubber | None = None) -> None:
         self.cfg, self.fmt, self.out = cfg, formatter, out
         out.mkdir(parents=True, exist_ok=True)
-        self.counts = {"sft": Counts(), "preference": Counts(), "eval": Counts()}
+        self.pii = scrubber or PiiScrubber(cfg.pii)
+        self.near: dict[str, Any] = {}  # record group -> NearDupIndex (built on first use)
+        self.counts = {"sft": Counts(), "preference": Counts(), "eval": Counts(), "eval_preference": Counts()}
         self.quarantine = _Writer(out, "quarantine.jsonl")
-        self.seen: dict[str, str] = {}  # normalized content hash -> id (exact dedup)
+        self.seen: dict[bytes, str] = {}  # normalized content hash (128 bits) -> id (exact dedup)
         self.eval_prompts: dict[str, str] = {}  # normalized eval prompt -> eval id (leak check)
         self.ids: set[str] = set()
 
@@ -124,9 +149,11 @@ class Ingestor:
         c = self.counts[kind]
         c.quarantined += 1
         c.reasons[_reason_key(reason)] += 1
+        original = record if record is not None else raw.data if raw.data is not None else raw.raw_text
+        self.pii.discard()  # what parsing scrubbed is not written; the quarantined record is
         self.quarantine.write({"kind": kind, "source": raw.source, "row": raw.row, "reason": reason,
-                               "record": record if record is not None else raw.data if raw.data is not None
-                               else raw.raw_text})
+                               "record": self.pii.scrub_value(original)})
+        self.pii.commit("quarantined")
 
     def _id(self, rec: dict[str, Any], raw: RawRecord, content: str) -> str:
         rid = rec.get("id")
@@ -147,15 +174,20 @@ class Ingestor:
 
     def _sft(self, rec: dict[str, Any], raw: RawRecord, src: DataSource) -> dict[str, Any]:
         limit_p, limit_r = self.cfg.max_prompt_chars, self.cfg.max_response_chars
-        if "messages" in rec:
+        if src.kind == "classification":
+            user_text, response = _classification(rec, src, limit_p)
+            turns = [{"role": "user", "content": user_text}]
+        elif "messages" in rec:
             turns, response = _messages(rec, max(limit_p, limit_r))
             user_text = next((t["content"] for t in reversed(turns) if t["role"] == "user"), "")
         else:
             user_text = _text(rec, "prompt", limit_p)
             response = _text(rec, "response", limit_r)
             turns = [{"role": "user", "content": user_text}]
-        return {"slice": self._slice(rec, src), "source": raw.source, "prompt": self.fmt.prompt(turns),
-                "completion": self.fmt.completion(response), "user_text": user_text, "response": response}
+        turns = [{**t, "content": self.pii.scrub(t["content"])} for t in turns]
+        user_text = next((t["content"] for t in reversed(turns) if t["role"] == "user"), "")
+        return {"slice": self._slice(rec, src), "source": raw.source, "user_text": user_text,
+                "response": self.pii.scrub(response), "turns": turns}
 
     def _pref(self, rec: dict[str, Any], raw: RawRecord, src: DataSource) -> dict[str, Any]:
         lim = self.cfg.max_response_chars
@@ -163,13 +195,51 @@ class Ingestor:
         chosen, rejected = _text(rec, "chosen", lim), _text(rec, "rejected", lim)
         if chosen == rejected:  # case or punctuation differences are real preferences (formatting)
             raise Rejected("fields `chosen` and `rejected` are the same answer")
-        return {"slice": self._slice(rec, src), "source": raw.source, "prompt": self.fmt.user_prompt(user_text),
-                "chosen": self.fmt.completion(chosen), "rejected": self.fmt.completion(rejected),
-                "user_text": user_text}
+        chosen, rejected = self.pii.scrub(chosen), self.pii.scrub(rejected)
+        if chosen == rejected:  # they differed only in PII
+            raise Rejected("fields `chosen` and `rejected` are the same answer once PII is replaced")
+        return {"slice": self._slice(rec, src), "source": raw.source, "user_text": self.pii.scrub(user_text),
+                "chosen": chosen, "rejected": rejected}
+
+    def _render(self, r: dict[str, Any]) -> dict[str, Any]:
+        """Chat-template fields (with a formatter); turns and plain texts stay for later stages."""
+        if self.fmt is None:
+            return r
+        if "chosen" in r:
+            return {**r, "prompt": self.fmt.user_prompt(r["user_text"]), "chosen": self.fmt.completion(r["chosen"]),
+                    "rejected": self.fmt.completion(r["rejected"])}
+        return {**r, "prompt": self.fmt.prompt(r["turns"]), "completion": self.fmt.completion(r["response"])}
+
+    def _near(self, group: str) -> Any:
+        if group not in self.near:
+            from tuneloop.data.dedup import NearDupIndex
+
+            self.near[group] = NearDupIndex(self.cfg.dedup.near_threshold, self.cfg.dedup.num_perm)
+        return self.near[group]
+
+    def _near_dup(self, kind: str, r: dict[str, Any], rid: str) -> Any:
+        """Near-duplicate checks (eval leak by prompt, then an earlier record of this kind); returns
+        what to index once the record is accepted."""
+        if self.cfg.dedup.near_threshold <= 0:
+            return None
+        if kind.startswith("eval"):
+            return ("eval", self._near("eval").signature(r["user_text"]))
+        if "eval" in self.near:
+            hit = self.near["eval"].match(self.near["eval"].signature(r["user_text"]))
+            if hit:
+                raise Rejected(f"eval leak (near duplicate): prompt resembles held-out eval record {hit[0]} "
+                               f"(jaccard {hit[1]:.2f})")
+        group = "preference" if "chosen" in r else "sft"
+        text = "\n".join([r["user_text"], *([r["chosen"], r["rejected"]] if "chosen" in r else [r["response"]])])
+        sig = self._near(group).signature(text)
+        hit = self.near[group].match(sig)
+        if hit:
+            raise Rejected(f"near duplicate of {hit[0]} (jaccard {hit[1]:.2f})")
+        return (group, sig)
 
     def _content_key(self, kind: str, r: dict[str, Any]) -> str:
         parts = [kind, normalize_text(r["user_text"])]
-        parts += [normalize_text(r["response"])] if kind != "preference" else \
+        parts += [normalize_text(r["response"])] if "chosen" not in r else \
             [normalize_text(r["chosen"]), normalize_text(r["rejected"])]
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
@@ -180,39 +250,77 @@ class Ingestor:
             self._reject(kind, raw, raw.problem or "unreadable")
             return
         try:
-            r = self._pref(raw.data, raw, src) if kind == "preference" else self._sft(raw.data, raw, src)
+            r = self._pref(raw.data, raw, src) if kind.endswith("preference") else self._sft(raw.data, raw, src)
             key = self._content_key(kind, r)
-            if key in self.seen:  # before the id: an id-less duplicate gets the same content id
-                raise Rejected(f"exact duplicate of {self.seen[key]}")
+            short = bytes.fromhex(key[:32])  # 128 bits: ~50 bytes a record instead of ~110
+            if short in self.seen:  # before the id: an id-less duplicate gets the same content id
+                raise Rejected(f"exact duplicate of {self.seen[short]}")
             rid = self._id(raw.data, raw, key)
-            if kind != "eval" and normalize_text(r["user_text"]) in self.eval_prompts:
+            if not kind.startswith("eval") and normalize_text(r["user_text"]) in self.eval_prompts:
                 raise Rejected(f"eval leak: prompt is held-out eval record {self.eval_prompts[normalize_text(r['user_text'])]}")
+            index = self._near_dup(kind, r, rid)
         except Rejected as e:
             self._reject(kind, raw, str(e))
             return
-        self.seen[key] = rid
+        if index is not None:
+            self.near[index[0]].add(rid, index[1])
+        self.pii.commit("accepted")
+        self.seen[short] = rid
         self.ids.add(rid)
-        if kind == "eval":
+        if kind.startswith("eval"):
             self.eval_prompts[normalize_text(r["user_text"])] = rid
         c.accepted += 1
         c.slices[r["slice"]] += 1
-        c.sources[Path(raw.source).name] += 1
-        writer.write({"id": rid, **r})
+        c.sources[_source_name(raw.source)] += 1
+        writer.write({"id": rid, **self._render(r)})
 
     def add_all(self, kind: str, sources: Iterable[DataSource], writer: _Writer) -> None:
         for src in sources:
-            for raw in read_records(src.path, src.format):
+            for raw in read_records(src.path, src.format, src.storage_options):
                 self.add(kind, raw, src, writer)
 
+    def dedup_report(self) -> dict[str, Any]:
+        reasons = sum((c.reasons for c in self.counts.values()), Counter())
+        return {"exact_duplicates": reasons["exact duplicate"], "near_duplicates": reasons["near duplicate"],
+                "eval_leaks_exact": reasons["eval leak"], "eval_leaks_near": reasons["eval leak (near duplicate)"],
+                "near_threshold": self.cfg.dedup.near_threshold,
+                "indexed": {g: len(ix) for g, ix in self.near.items()}}
 
-def ingest(cfg: DataConfig, formatter: ChatFormatter, out: Path,
-           feedback_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Run ingest into `out`; returns the report (also written to out/report.json)."""
+
+@functools.lru_cache(maxsize=4096)
+def _source_name(source: str) -> str:
+    return source if source.startswith("replay:") else Path(source.split("://", 1)[-1]).name
+
+
+def _classification(rec: dict[str, Any], src: DataSource, limit: int) -> tuple[str, str]:
+    """A text + label record -> (instruction from the source's template, label)."""
+    values = {name: _text(rec, name, limit) for name in template_fields(src.template or "")}
+    prompt = (src.template or "").format_map(values)
+    if len(prompt) > limit:
+        raise Rejected(f"field `{next(iter(values))}` is too long once put in the template "
+                       f"({len(prompt)} > {limit} characters)")
+    label = rec.get(src.label_field)
+    if label is None:
+        raise Rejected(f"missing field `{src.label_field}`")
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise Rejected(f"field `{src.label_field}` must be a string or integer, got {type(label).__name__}")
+    label = str(label).strip()
+    if not label:
+        raise Rejected(f"field `{src.label_field}` is empty or whitespace")
+    return prompt, label
+
+
+def ingest(cfg: DataConfig, formatter: ChatFormatter | None, out: Path,
+           feedback_rows: list[dict[str, Any]] | None = None, champion: Any = None) -> dict[str, Any]:
+    """Run ingest into `out`; returns the report (also written to out/report.json).
+
+    `champion` (replay.ChampionData or None) is the replay pool for `cfg.replay_share`."""
     ing = Ingestor(cfg, formatter, out)
-    writers = {k: _Writer(out, f"{k}.jsonl") for k in ("eval", "sft", "preference")}
+    writers = {k: _Writer(out, f"{k}.jsonl") for k in ("eval", "eval_preference", "sft", "preference")}
     # Eval first: its prompts are what training data must not leak.
-    ing.add_all("eval", cfg.eval, writers["eval"])
-    ing.add_all("sft", [s for s in cfg.sources if s.kind == "sft"], writers["sft"])
+    ing.add_all("eval", [s for s in cfg.eval if s.kind != "preference"], writers["eval"])
+    ing.add_all("eval_preference", [s for s in cfg.eval if s.kind == "preference"], writers["eval_preference"])
+    ing.add_all("sft", [s for s in cfg.sources if s.kind != "preference"], writers["sft"])
     ing.add_all("preference", [s for s in cfg.sources if s.kind == "preference"], writers["preference"])
     fb_counts = {"rows": 0, "sft": 0, "preference": 0, "no_pair_empty_output": 0}
     if feedback_rows:
@@ -226,15 +334,128 @@ def ingest(cfg: DataConfig, formatter: ChatFormatter, out: Path,
             ing.add("sft", RawRecord("feedback-store", i, rec), src, writers["sft"])
         for i, rec in enumerate(fb_pairs, 1):
             ing.add("preference", RawRecord("feedback-store", i, rec), src, writers["preference"])
+    replay = _replay(ing, cfg, champion, writers["sft"])
     hashes = {k: w.close() for k, w in writers.items()}
     ing.quarantine.close()
     data_hash = hashlib.sha256((hashes["sft"] + hashes["preference"]).encode()).hexdigest()
     totals = {k: sum(getattr(c, k) for c in ing.counts.values()) for k in ("read", "accepted", "quarantined")}
     report = {**totals, "per_reason": dict(sum((c.reasons for c in ing.counts.values()), Counter())),
               "by_kind": {k: c.as_dict() for k, c in ing.counts.items()},
-              "feedback": fb_counts, "file_sha256": hashes, "data_hash": data_hash}
+              "feedback": fb_counts, "replay": replay, "pii": ing.pii.report(), "dedup": ing.dedup_report(),
+              "file_sha256": hashes, "data_hash": data_hash}
     assert report["read"] == report["accepted"] + report["quarantined"], "ingest lost records"
     (out / "report.json").write_text(json.dumps(report, indent=2))
     log.info("ingest: read %d, accepted %d, quarantined %d (%s)", report["read"], report["accepted"],
              report["quarantined"], ", ".join(f"{k}: {v}" for k, v in report["per_reason"].items()) or "none")
+    return report
+
+
+def _replay(ing: Ingestor, cfg: DataConfig, champion: Any, writer: _Writer) -> dict[str, Any]:
+    """Mix a share of the champion's SFT records into this run's (after all new SFT records)."""
+    from tuneloop.data.replay import count_records, sample_records
+
+    new = ing.counts["sft"].accepted
+    rep: dict[str, Any] = {"share": cfg.replay_share, "champion_version": None, "pool": 0, "requested": 0,
+                           "read": 0, "accepted": 0, "new_sft_accepted": new, "actual_share": 0.0}
+    if cfg.replay_share <= 0:
+        rep["note"] = "replay is off (data.replay_share = 0)"
+        return rep
+    if champion is None:
+        rep["note"] = "no champion yet: nothing to replay"
+        return rep
+    pool = count_records(champion.sft)
+    want = round(cfg.replay_share * new / (1 - cfg.replay_share))
+    rep.update(champion_version=champion.version, pool=pool, requested=min(want, pool))
+    source = f"replay:v{champion.version}"
+    src = DataSource(path=source)
+    before = (ing.counts["sft"].read, ing.counts["sft"].accepted)
+    for i, rec in enumerate(sample_records(champion.sft, want), 1):
+        ing.add("sft", RawRecord(source, i, rec), src, writer)
+    rep["read"] = ing.counts["sft"].read - before[0]
+    rep["accepted"] = ing.counts["sft"].accepted - before[1]
+    rep["actual_share"] = round(rep["accepted"] / max(new + rep["accepted"], 1), 4)
+    if want > pool:
+        rep["note"] = f"the champion's data holds only {pool} records ({want} wanted)"
+    log.info("replay: %d of %d requested records from champion v%s accepted (share %.3f)", rep["accepted"],
+             rep["requested"], champion.version, rep["actual_share"])
+    return rep
+
+
+def format_eval_set(paths: list[str], formatter: ChatFormatter, out: Path) -> dict[str, Any]:
+    """Only the eval part of ingest, for `tuneloop evaluate`: raw records (prompt/response/slice or
+    chat messages; preference pairs in files whose records have `chosen`) -> out/eval.jsonl and
+    out/eval_preference.jsonl, with the same quarantine and counting rules."""
+    from tuneloop.config import DataSource
+
+    ing = Ingestor(DataConfig(sources=[DataSource(path=p) for p in paths], eval=[DataSource(path=p) for p in paths]),
+                   formatter, out)
+    writers = {k: _Writer(out, f"{k}.jsonl") for k in ("eval", "eval_preference")}
+    for p in paths:
+        src = DataSource(path=p)
+        for raw in read_records(p):
+            kind = "eval_preference" if raw.data is not None and "chosen" in raw.data else "eval"
+            ing.add(kind, raw, src, writers[kind])
+    for w in writers.values():
+        w.close()
+    ing.quarantine.close()
+    return {k: c.as_dict() for k, c in ing.counts.items() if k.startswith("eval")}
+
+
+class _KindWriter:
+    """One shared output file, each record tagged with its kind (the `tuneloop ingest` layout)."""
+
+    def __init__(self, writer: _Writer, kind: str) -> None:
+        self.writer, self.kind = writer, kind
+
+    def write(self, obj: dict[str, Any]) -> None:
+        self.writer.write({"kind": self.kind, **obj})
+
+
+def ingest_paths(paths: list[str], out: Path, *, eval_paths: list[str] | None = None, kind: str = "auto",
+                 template: str | None = None, label_field: str = "label", slice_: str | None = None,
+                 fmt: str = "auto", formatter: ChatFormatter | None = None, pii: bool = True,
+                 near_threshold: float = 0.85, max_prompt_chars: int = 4000,
+                 max_response_chars: int = 4000) -> dict[str, Any]:
+    """`tuneloop ingest`: files or folders -> out/accepted.jsonl, out/quarantine.jsonl, out/report.json
+    (and out/eval.jsonl with eval_paths). kind auto: a record with `chosen`/`rejected` is a preference
+    pair, any other an SFT record; a template makes every record a classification record.
+    Raises SourceError before writing anything when a path cannot be read at all."""
+    from tuneloop.config import DedupConfig, PiiConfig
+    from tuneloop.data.readers import expand
+
+    if template is not None:
+        kind = "classification"
+    for p in [*paths, *(eval_paths or [])]:
+        expand(p, fmt)  # a missing file or unknown format fails here, before any output
+    src_kind = kind if kind in ("sft", "preference", "classification") else "sft"
+    sources = [DataSource(path=p, kind=src_kind, slice=slice_, format=fmt, template=template,
+                          label_field=label_field) for p in paths]
+    evals = [DataSource(path=p, slice=slice_, format=fmt) for p in eval_paths or []]
+    cfg = DataConfig.model_construct(sources=sources, eval=evals, max_prompt_chars=max_prompt_chars,
+                                     max_response_chars=max_response_chars, pii=PiiConfig(enabled=pii),
+                                     dedup=DedupConfig(near_threshold=near_threshold))
+    ing = Ingestor(cfg, formatter, out)
+    accepted = _Writer(out, "accepted.jsonl")
+    writers = {k: _KindWriter(accepted, k) for k in ("sft", "preference")}
+    eval_writer = _Writer(out, "eval.jsonl") if evals else None
+    if eval_writer is not None:
+        ing.add_all("eval", evals, eval_writer)
+    for src in sources:
+        for raw in read_records(src.path, src.format):
+            k = src.kind if src.kind != "classification" else "sft"
+            if kind == "auto" and raw.data is not None and ("chosen" in raw.data or "rejected" in raw.data):
+                k = "preference"
+            ing.add(k, raw, src, writers[k])
+    hashes = {"accepted": accepted.close()}
+    if eval_writer is not None:
+        hashes["eval"] = eval_writer.close()
+    ing.quarantine.close()
+    totals = {k: sum(getattr(c, k) for c in ing.counts.values()) for k in ("read", "accepted", "quarantined")}
+    report = {**totals, "per_reason": dict(sum((c.reasons for c in ing.counts.values()), Counter())),
+              "by_kind": {k: c.as_dict() for k, c in ing.counts.items() if c.read},
+              "inputs": list(paths), "eval_inputs": list(eval_paths or []),
+              "chat_formatted": formatter is not None, "pii": ing.pii.report(), "dedup": ing.dedup_report(),
+              "file_sha256": hashes, "data_hash": hashes["accepted"]}
+    assert report["read"] == report["accepted"] + report["quarantined"], "ingest lost records"
+    (out / "report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -1,18 +1,25 @@
 """validate_data: a Great Expectations suite, built from the run config, that gates the run.
 
 The suite checks the ingested dataset as a whole (record-level problems were already
-quarantined by ingest): required fields, non-empty turns, token-length bounds, allowed slices,
-classification labels, duplicates, slice coverage of the eval set, and the share of input
-that had to be quarantined. Output folder:
-    report.json  {passed, checks: [{table, expectation, column, passed, observed, details}]}
+quarantined by ingest): required fields, non-empty turns, allowed roles, token-length
+bounds, allowed slices, classification labels, duplicates (ids and normalized content), PII
+residue (Presidio run again over what ingest wrote), slice coverage of the eval set and of
+the training data, and the shares of input that had to be quarantined or were duplicates.
+
+GX validates a narrow frame derived from the JSONL files in chunks (ids, slices, lengths,
+token counts, content hashes, PII findings; the long texts are not kept), so a million
+records need about a hundred bytes each, not the records themselves. Output folder:
+    report.json  {passed, checks: [{table, expectation, column, passed, observed}], failed}
     report.md    the same as a table a person reads first
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,47 +29,122 @@ from tuneloop.config import RunConfig
 
 log = logging.getLogger("tuneloop.validate")
 FEEDBACK_SLICE = "feedback"
+CHUNK = 20_000
+ROLES_RE = r"^(?:system|user|assistant)(?:,(?:system|user|assistant))*$"
+ANSWERS = {"sft": ("response",), "eval": ("response",), "preference": ("chosen", "rejected")}
 
 
-def _frame(path: Path, tokenizer: Any, text_cols: tuple[str, ...]) -> pd.DataFrame:
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    df = pd.DataFrame(rows)
-    if df.empty:
-        return df
-    for col in text_cols[1:]:
-        full = [p + c for p, c in zip(df[text_cols[0]], df[col], strict=True)]
-        # tokens of the whole training sequence (prompt + this answer): what max_length bounds
-        df[f"{col}_seq_tokens"] = [len(ids) for ids in tokenizer(full, add_special_tokens=False)["input_ids"]]
+def _chunks(path: Path) -> Iterator[list[dict[str, Any]]]:
+    rows: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+                if len(rows) == CHUNK:
+                    yield rows
+                    rows = []
+    if rows:
+        yield rows
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.lower().split())
+
+
+def _count(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _frame(path: Path, table: str, tokenizer: Any, scrubber: Any, label_slices: set[str],
+           residue_sample: int = 0) -> pd.DataFrame:
+    """The narrow per-record frame the expectations run on (streamed in chunks; text columns are
+    categories or hashes, so a row costs ~100 bytes). PII residue is checked on every record, or
+    on `residue_sample` records evenly spread (the others are null, which the check skips)."""
+    answers = ANSWERS[table]
+    parts = []
+    stride = max(1, _count(path) // residue_sample) if residue_sample else 1
+    seen = 0
+    for rows in _chunks(path):
+        df = pd.DataFrame({"id": [r.get("id") for r in rows], "slice": [r.get("slice") for r in rows]})
+        df["user_text_chars"] = [len(r.get("user_text") or "") for r in rows]
+        for a in answers:
+            df[f"{a}_chars"] = [len(r.get(a) or "") for r in rows]
+        if "response" in answers:  # labels, only where a label set is checked
+            df["response"] = [r.get("response") if r.get("slice") in label_slices else None for r in rows]
+            turns = [[*(r.get("turns") or [{"role": "user", "content": r.get("user_text") or ""}]),
+                      {"role": "assistant", "content": r.get("response") or ""}] for r in rows]
+            df["roles"] = [",".join(str(t.get("role")) for t in ts) for ts in turns]
+            df["min_turn_chars"] = [min(len((t.get("content") or "").strip()) for t in ts) for ts in turns]
+        df["content_key"] = [int.from_bytes(hashlib.sha1("\0".join(_norm(r.get(k) or "") for k in
+                                                                   ("user_text", *answers)).encode()).digest()[:8],
+                                            "big", signed=True) for r in rows]
+        if scrubber is not None:
+            df["pii_residue"] = pd.array([sum(len(scrubber.find(t)) for t in _texts(r, answers))
+                                          if (seen + i) % stride == 0 else None for i, r in enumerate(rows)],
+                                         dtype="Int64")
+        seen += len(rows)
+        for col in ("slice", "response", "roles"):
+            if col in df:
+                df[col] = df[col].astype("category")
+        if tokenizer is not None:
+            df["prompt_chars"] = [len(r["prompt"]) if isinstance(r.get("prompt"), str) else None for r in rows]
+            for a in answers:
+                col = "completion" if a == "response" else a
+                full = [(r.get("prompt") or "") + (r.get(col) or "") for r in rows]
+                # tokens of the whole training sequence (prompt + this answer): what max_length bounds
+                df[f"{col}_seq_tokens"] = [len(ids) for ids in
+                                           tokenizer(full, add_special_tokens=False)["input_ids"]]
+        parts.append(df)
+    if not parts:
+        return pd.DataFrame()
+    df = pd.concat(parts, ignore_index=True)
+    for col in ("slice", "response", "roles"):  # categories of the chunks may differ; unify them
+        if col in df:
+            df[col] = df[col].astype("category")
     return df
 
 
-def _suites(cfg: RunConfig) -> dict[str, list[Any]]:
+def _texts(r: dict[str, Any], answers: tuple[str, ...]) -> list[str]:
+    out = [t.get("content") or "" for t in r.get("turns") or []] or [r.get("user_text") or ""]
+    return out + [r.get(a) or "" for a in answers]
+
+
+def _suites(cfg: RunConfig, tokenizer: Any) -> dict[str, list[Any]]:
     import great_expectations.expectations as gxe
 
     slices = sorted(cfg.evaluate.slices)
     allowed = [*slices, FEEDBACK_SLICE]
+    pii = [gxe.ExpectColumnValuesToBeBetween(column="pii_residue", max_value=0)] if cfg.data.pii.enabled else []
     common = [
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
         gxe.ExpectColumnValuesToBeUnique(column="id"),
-        gxe.ExpectColumnValuesToNotBeNull(column="prompt"),
         gxe.ExpectColumnValuesToBeInSet(column="slice", value_set=allowed),
-        gxe.ExpectColumnValueLengthsToBeBetween(column="user_text", min_value=1),
+        gxe.ExpectColumnValuesToBeBetween(column="user_text_chars", min_value=1),
+        gxe.ExpectColumnValuesToBeUnique(column="content_key"),
+        *pii,
+        *([gxe.ExpectColumnValuesToNotBeNull(column="prompt_chars")] if tokenizer is not None else []),
     ]
-    sft = [*common,
-           gxe.ExpectColumnValueLengthsToBeBetween(column="response", min_value=1),
-           gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_text", "response"]),
-           gxe.ExpectColumnValuesToBeBetween(column="completion_seq_tokens", min_value=2,
-                                             max_value=cfg.train.sft.max_length)]
+    turns = [gxe.ExpectColumnValuesToBeBetween(column="response_chars", min_value=1),
+             gxe.ExpectColumnValuesToMatchRegex(column="roles", regex=ROLES_RE),
+             gxe.ExpectColumnValuesToBeBetween(column="min_turn_chars", min_value=1)]
+    sft = [*common, *turns]
+    if tokenizer is not None:
+        sft.append(gxe.ExpectColumnValuesToBeBetween(column="completion_seq_tokens", min_value=2,
+                                                     max_value=cfg.train.sft.max_length))
     for name, sl in cfg.evaluate.slices.items():
         if sl.task == "classification":
             sft.append(gxe.ExpectColumnValuesToBeInSet(column="response", value_set=sl.labels,
                                                        row_condition=f'slice=="{name}"', condition_parser="pandas"))
     pref = [*common,
-            gxe.ExpectColumnValuesToBeBetween(column="chosen_seq_tokens", min_value=2, max_value=cfg.train.dpo.max_length),
-            gxe.ExpectColumnValuesToBeBetween(column="rejected_seq_tokens", min_value=2,
-                                              max_value=cfg.train.dpo.max_length)]
-    evals = [*common,
-             gxe.ExpectColumnValueLengthsToBeBetween(column="response", min_value=1),
+            gxe.ExpectColumnValuesToBeBetween(column="chosen_chars", min_value=1),
+            gxe.ExpectColumnValuesToBeBetween(column="rejected_chars", min_value=1)]
+    if tokenizer is not None:
+        pref += [gxe.ExpectColumnValuesToBeBetween(column="chosen_seq_tokens", min_value=2,
+                                                   max_value=cfg.train.dpo.max_length),
+                 gxe.ExpectColumnValuesToBeBetween(column="rejected_seq_tokens", min_value=2,
+                                                   max_value=cfg.train.dpo.max_length)]
+    evals = [*common, *turns,
              gxe.ExpectColumnDistinctValuesToContainSet(column="slice", value_set=slices)]
     suites = {"eval": evals}
     if cfg.train.sft.enabled:
@@ -83,23 +165,30 @@ def _observed(result: dict[str, Any]) -> str:
 
 
 def validate_dataset(cfg: RunConfig, dataset_dir: Path, tokenizer: Any, out: Path) -> dict[str, Any]:
-    """Run the suite over an ingest output folder; returns (and writes) the report."""
+    """Run the suite over an ingest output folder; returns (and writes) the report. Without a
+    tokenizer (records that were not chat-formatted) the token-length checks are left out."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
+
+    from tuneloop.data.pii import PiiScrubber
 
     out.mkdir(parents=True, exist_ok=True)
     ctx = gx.get_context(mode="ephemeral")
     batch_def = ctx.data_sources.add_pandas("tuneloop").add_dataframe_asset("records") \
         .add_batch_definition_whole_dataframe("whole")
-    cols = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"),
-            "eval": ("prompt", "completion")}
+    scrubber = PiiScrubber(cfg.data.pii) if cfg.data.pii.enabled else None
+    label_slices = {n for n, sl in cfg.evaluate.slices.items() if sl.task == "classification"}
     checks: list[dict[str, Any]] = []
-    for table, expectations in _suites(cfg).items():
-        df = _frame(dataset_dir / f"{table}.jsonl", tokenizer, cols[table])
+    sft_slices: dict[str, int] = {}
+    for table, expectations in _suites(cfg, tokenizer).items():
+        df = _frame(dataset_dir / f"{table}.jsonl", table, tokenizer, scrubber, label_slices,
+                    cfg.data.pii.residue_sample)
         if df.empty:
             checks.append({"table": table, "expectation": "table_has_records", "column": "", "passed": False,
                            "observed": "0 records"})
             continue
+        if table == "sft":
+            sft_slices = df["slice"].value_counts().to_dict()
         suite = gx.ExpectationSuite(name=f"tuneloop-{table}")
         for e in expectations:
             suite.add_expectation(e)
@@ -112,11 +201,8 @@ def validate_dataset(cfg: RunConfig, dataset_dir: Path, tokenizer: Any, out: Pat
                 column += f" where {cond.get('pass_through_filter', cond) if isinstance(cond, dict) else cond}"
             checks.append({"table": table, "expectation": r.expectation_config.type, "column": column,
                            "passed": bool(r.success), "observed": _observed(r.result)})
-    ingest_report = json.loads((dataset_dir / "report.json").read_text())
-    share = ingest_report["quarantined"] / max(ingest_report["read"], 1)
-    checks.append({"table": "ingest", "expectation": "quarantined_share_at_most", "column": "",
-                   "passed": share <= cfg.data.max_quarantine_share,
-                   "observed": f"{share:.3f} (limit {cfg.data.max_quarantine_share})"})
+        del df
+    checks += _ingest_checks(cfg, json.loads((dataset_dir / "report.json").read_text()), sft_slices)
     report = {"passed": all(c["passed"] for c in checks), "checks": checks,
               "failed": [c for c in checks if not c["passed"]]}
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -124,6 +210,28 @@ def validate_dataset(cfg: RunConfig, dataset_dir: Path, tokenizer: Any, out: Pat
     log.info("validate_data: %s (%d checks, %d failed)", "PASSED" if report["passed"] else "FAILED",
              len(checks), len(report["failed"]))
     return report
+
+
+def _ingest_checks(cfg: RunConfig, ing: dict[str, Any], sft_slices: dict[str, int]) -> list[dict[str, Any]]:
+    """Checks on ingest's counts: quarantine share, duplicate share, training slice coverage."""
+    read = max(ing["read"], 1)
+    share = ing["quarantined"] / read
+    checks = [{"table": "ingest", "expectation": "quarantined_share_at_most", "column": "",
+               "passed": share <= cfg.data.max_quarantine_share,
+               "observed": f"{share:.3f} (limit {cfg.data.max_quarantine_share})"}]
+    reasons = ing.get("per_reason", {})
+    dups = reasons.get("exact duplicate", 0) + reasons.get("near duplicate", 0)
+    checks.append({"table": "ingest", "expectation": "duplicate_share_at_most", "column": "",
+                   "passed": dups / read <= cfg.data.max_duplicate_share,
+                   "observed": f"{dups / read:.3f} ({reasons.get('exact duplicate', 0)} exact, "
+                               f"{reasons.get('near duplicate', 0)} near; limit {cfg.data.max_duplicate_share})"})
+    if cfg.train.sft.enabled:
+        counts = {s: sft_slices.get(s, 0) for s in sorted(cfg.evaluate.slices)}
+        low = [s for s, n in counts.items() if n < cfg.data.min_slice_records]
+        checks.append({"table": "sft", "expectation": "slice_records_at_least", "column": "slice",
+                       "passed": not low, "observed": ", ".join(f"{s} {n}" for s, n in counts.items())
+                       + f" (min {cfg.data.min_slice_records})" + (f"; too few: {', '.join(low)}" if low else "")})
+    return checks
 
 
 def report_markdown(report: dict[str, Any]) -> str:

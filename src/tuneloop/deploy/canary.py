@@ -80,11 +80,13 @@ def _reload(cfg: RunConfig) -> dict[str, Any]:
 # -- rollout steps --
 def deploy_canary(cfg: RunConfig, version: str) -> dict[str, Any]:
     reg = Registry(cfg)
+    mode = cfg.deploy.canary.mode
     reg.set_version_tag(version, TAG_CANARY_PERCENT, str(cfg.deploy.canary.traffic_percent))
-    reg.set_alias("canary", version)
+    reg.set_alias(mode, version)
     state = _reload(cfg)
-    log.info("canary: version %s gets %d%% of users; gateway serves %s", version,
-             cfg.deploy.canary.traffic_percent, state)
+    log.info("%s: version %s %s; gateway serves %s", mode, version,
+             f"gets {cfg.deploy.canary.traffic_percent}% of users" if mode == "canary" else "mirrors all traffic",
+             state)
     return {"version": version, "traffic_percent": cfg.deploy.canary.traffic_percent, "gateway": state,
             "deployed_at": time.time()}
 
@@ -126,7 +128,9 @@ def compare(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
     from scipy import stats
 
     c = cfg.deploy.canary
-    side = {v: [r for r in rows if r["variant"] == v] for v in ("champion", "canary")}
+    mode = c.mode
+    side = {"champion": [r for r in rows if r["variant"] == "champion"],
+            "canary": [r for r in rows if r["variant"] == mode]}  # the new version, canary or shadow
     fig: dict[str, dict[str, Any]] = {}
     for v, rs in side.items():
         scores = [r["score"] for r in rs if r["score"] is not None]
@@ -192,7 +196,7 @@ def promote(cfg: RunConfig, version: str) -> dict[str, Any]:
     if old is not None and old.version != version:
         reg.set_alias("previous", old.version)
     reg.set_alias("champion", version)
-    reg.delete_alias("canary")
+    reg.delete_alias(cfg.deploy.canary.mode)
     reg.delete_alias("challenger")
     reg.set_version_tag(version, "tuneloop.promoted_at", str(int(time.time())))
     state = _reload(cfg)
@@ -201,7 +205,7 @@ def promote(cfg: RunConfig, version: str) -> dict[str, Any]:
 
 def rollback(cfg: RunConfig, version: str) -> dict[str, Any]:
     reg = Registry(cfg)
-    reg.delete_alias("canary")
+    reg.delete_alias(cfg.deploy.canary.mode)
     reg.delete_alias("challenger")
     reg.set_version_tag(version, "tuneloop.rolled_back", "true")
     state = _reload(cfg)

@@ -10,14 +10,17 @@ aliases and swaps models without dropping in-flight requests.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -25,19 +28,46 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from tuneloop.config import RunConfig
 from tuneloop.monitor.feedback import FeedbackStore
+from tuneloop.monitor.service import MAX_BODY_BYTES, add_feedback_route, error, feedback_score, read_json  # noqa: F401
 
 log = logging.getLogger("tuneloop.gateway")
-MAX_BODY_BYTES = 256 * 1024
 MAX_NEW_TOKENS = 256
+SWITCH_INTERVAL_S = 0.0005
+
+
+class Backend(Protocol):
+    """What answers a variant's requests: the HF model here; a stub in the load benchmark."""
+
+    def answer(self, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, int, int]: ...
+
+
+class HFBackend:
+    """Base model (+ merged LoRA adapter) generating greedily, one request at a time."""
+
+    def __init__(self, model: Any, tokenizer: Any, system_prompt: str | None) -> None:
+        self.model, self.tokenizer, self.system_prompt = model, tokenizer, system_prompt
+        self.lock = threading.Lock()
+
+    def answer(self, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, int, int]:
+        import torch
+
+        from tuneloop.data.formatting import ChatFormatter
+
+        tok = self.tokenizer
+        prompt = ChatFormatter(tok, self.system_prompt).prompt(messages)
+        enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(next(self.model.parameters()).device)
+        with self.lock, torch.no_grad():
+            out = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        new = out[0, enc["input_ids"].shape[1]:]
+        return tok.decode(new, skip_special_tokens=True).strip(), enc["input_ids"].shape[1], len(new)
 
 
 @dataclass
 class Variant:
-    role: str  # champion | canary
+    role: str  # champion | canary | shadow
     version: str  # registry version, or "base"
-    model: Any
-    tokenizer: Any
-    lock: threading.Lock
+    backend: Backend
 
 
 def in_canary(user_id: str, percent: int) -> bool:
@@ -46,17 +76,18 @@ def in_canary(user_id: str, percent: int) -> bool:
 
 
 class Gateway:
-    def __init__(self, cfg: RunConfig) -> None:
-        from tuneloop.data.formatting import ChatFormatter  # noqa: F401 - fail early if the extra is missing
+    def __init__(self, cfg: RunConfig, backend_factory: Callable[[str | None], Backend] | None = None) -> None:
         from tuneloop.registry import Registry
 
         self.cfg = cfg
+        self._backend_factory = backend_factory or self.load_backend
         self.registry = Registry(cfg)
-        self.store = FeedbackStore(cfg.feedback_db)
+        self.store = FeedbackStore(cfg.feedback_db, scrubber=pii_scrubber(cfg))
+        self.faults: dict[str, dict[str, float]] = {}  # role -> {error_rate, added_latency_ms} (admin, game days)
         self.cache_dir = cfg.state_path / "serving"
         self.variants: dict[str, Variant] = {}
         self.canary_percent = 0
-        self._loaded: dict[str, Variant] = {}
+        self._loaded: dict[str, Backend] = {}
         self._reload_lock = threading.Lock()
         self.metrics = CollectorRegistry()
         labels = ["version", "variant"]
@@ -70,48 +101,52 @@ class Gateway:
                                     registry=self.metrics, buckets=(0, .25, .5, .75, 1))
 
     # -- models --
-    def _load(self, role: str, version: str | None) -> Variant:
+    def load_backend(self, version: str | None) -> Backend:
+        """The HF backend of a registry version (None: the base model)."""
         from tuneloop.models import load_causal_lm, materialize_base_model
 
-        key = version or "base"
-        if key in self._loaded:
-            v = self._loaded[key]
-            return Variant(role, v.version, v.model, v.tokenizer, v.lock)
         base_dir = materialize_base_model(self.cfg.base_model, self.cfg.state_path)
         adapter = None
         if version is not None:
             mv = self.registry.client.get_model_version(self.registry.name, version)
             adapter = self.registry.download_adapter(mv, self.cache_dir)
-        model, tok = load_causal_lm(base_dir, adapter)
-        v = Variant(role, key, model, tok, threading.Lock())
-        self._loaded[key] = v
-        log.info("loaded %s as %s", key, role)
-        return v
+        return HFBackend(*load_causal_lm(base_dir, adapter), self.cfg.data.system_prompt)
+
+    def _load(self, role: str, version: str | None) -> Variant:
+        key = version or "base"
+        if key not in self._loaded:
+            self._loaded[key] = self._backend_factory(version)
+            log.info("loaded %s as %s", key, role)
+        return Variant(role, key, self._loaded[key])
 
     def reload(self) -> dict[str, Any]:
         """Re-read aliases; build the new routing table first, then swap it in one assignment."""
         with self._reload_lock:
             champ = self.registry.alias_version("champion")
             canary = self.registry.alias_version("canary")
-            new = {"champion": self._load("champion", champ.version if champ else None)}
+            shadow = self.registry.alias_version("shadow")
+            new = {"champion": self._load("champion", str(champ.version) if champ else None)}
             percent = 0
             if canary is not None:
-                new["canary"] = self._load("canary", canary.version)
+                new["canary"] = self._load("canary", str(canary.version))
                 percent = int(canary.tags.get("tuneloop.canary_percent", self.cfg.deploy.canary.traffic_percent))
+            if shadow is not None:  # mirrored traffic only: its answers are logged, never returned
+                new["shadow"] = self._load("shadow", str(shadow.version))
             self.variants, self.canary_percent = new, percent  # atomic swap; in-flight requests keep theirs
             keep = {v.version for v in new.values()}
-            self._loaded = {k: v for k, v in self._loaded.items() if k in keep}
+            self._loaded = {k: b for k, b in self._loaded.items() if k in keep}
             return self.state()
 
     def state(self) -> dict[str, Any]:
         return {"champion": self.variants["champion"].version if "champion" in self.variants else None,
                 "canary": self.variants["canary"].version if "canary" in self.variants else None,
-                "canary_percent": self.canary_percent}
+                "shadow": self.variants["shadow"].version if "shadow" in self.variants else None,
+                "canary_percent": self.canary_percent, "faults": self.faults}
 
     def route(self, user_id: str, pinned: str | None) -> Variant:
         variants = self.variants
         if pinned:
-            for v in variants.values():
+            for v in (v for v in variants.values() if v.role != "shadow"):
                 if pinned in (v.role, v.version):
                     return v
             raise KeyError(pinned)
@@ -119,22 +154,39 @@ class Gateway:
             return variants["canary"]
         return variants["champion"]
 
+    def mirror(self, v: Variant, messages: list[dict[str, str]], max_tokens: int, user: str, slice_: str) -> None:
+        """Shadow mode: the same request on the shadow model, logged for analysis only."""
+        started = time.perf_counter()
+        status, text = "ok", ""
+        try:
+            text, _, c_tok = self.generate(v, messages, max_tokens)
+            self.m_tokens.labels(v.version, v.role).inc(c_tok)
+        except Exception:  # noqa: BLE001 - a failing shadow must never touch serving
+            status = "error"
+        latency = time.perf_counter() - started
+        self.m_requests.labels(v.version, v.role, status).inc()
+        self.m_latency.labels(v.version, v.role).observe(latency)
+        self.store.log_request(request_id=uuid.uuid4().hex, user_id=user, model_version=v.version, variant=v.role,
+                               slice=slice_, prompt=messages[-1]["content"], output=text, status=status,
+                               latency_ms=latency * 1000)
+
     def generate(self, v: Variant, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, int, int]:
-        import torch
-
-        from tuneloop.data.formatting import ChatFormatter
-
-        prompt = ChatFormatter(v.tokenizer, self.cfg.data.system_prompt).prompt(messages)
-        enc = v.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(next(v.model.parameters()).device)
-        with v.lock, torch.no_grad():
-            out = v.model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
-                                   pad_token_id=v.tokenizer.pad_token_id, eos_token_id=v.tokenizer.eos_token_id)
-        new = out[0, enc["input_ids"].shape[1]:]
-        return v.tokenizer.decode(new, skip_special_tokens=True).strip(), enc["input_ids"].shape[1], len(new)
+        fault = self.faults.get(v.role)
+        if fault:
+            time.sleep(fault.get("added_latency_ms", 0.0) / 1000)
+            if random.random() < fault.get("error_rate", 0.0):
+                raise RuntimeError(f"injected fault on {v.role} (POST /admin/faults)")
+        return v.backend.answer(messages, max_tokens)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "code": status}}, status_code=status)
+def pii_scrubber(cfg: RunConfig) -> Any | None:
+    """The data plane's PII scrubber, so the feedback store never holds raw PII (None if disabled)."""
+    pii = getattr(cfg.data, "pii", None)
+    if pii is None or not pii.enabled:
+        return None
+    from tuneloop.data.pii import PiiScrubber
+
+    return PiiScrubber(pii)
 
 
 def _check_messages(body: Any) -> list[dict[str, str]]:
@@ -153,17 +205,6 @@ def _check_messages(body: Any) -> list[dict[str, str]]:
 def create_app(gw: Gateway) -> FastAPI:
     app = FastAPI(title="tuneloop gateway")
 
-    async def _json(request: Request) -> Any:
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise OverflowError(f"body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
-        import json
-
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"malformed JSON: {e}") from None
-
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         return {"status": "ok", **gw.state()}
@@ -176,6 +217,25 @@ def create_app(gw: Gateway) -> FastAPI:
     def reload() -> dict[str, Any]:
         return gw.reload()
 
+    @app.post("/admin/faults")
+    async def faults(request: Request) -> JSONResponse:
+        """Inject errors/latency into one variant (game days, rollback drills); {} clears it."""
+        try:
+            body = await read_json(request)
+            role = body.get("variant") if isinstance(body, dict) else None
+            if role not in ("champion", "canary", "shadow"):
+                raise ValueError("`variant` must be champion, canary or shadow")
+            rate, delay = float(body.get("error_rate", 0.0)), float(body.get("added_latency_ms", 0.0))
+            if not 0 <= rate <= 1 or delay < 0:
+                raise ValueError("`error_rate` must be 0..1 and `added_latency_ms` >= 0")
+        except (ValueError, TypeError, OverflowError) as e:
+            return error(400, str(e))
+        if rate == 0 and delay == 0:
+            gw.faults.pop(role, None)
+        else:
+            gw.faults[role] = {"error_rate": rate, "added_latency_ms": delay}
+        return JSONResponse(gw.state())
+
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": v.version, "object": "model", "tuneloop_variant": v.role}
@@ -184,20 +244,20 @@ def create_app(gw: Gateway) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> JSONResponse:
         try:
-            body = await _json(request)
+            body = await read_json(request)
             messages = _check_messages(body)
             max_tokens = 64 if body.get("max_tokens") is None else int(body["max_tokens"])  # 0 is not "default"
             if not 1 <= max_tokens <= MAX_NEW_TOKENS:
                 raise ValueError(f"`max_tokens` must be 1..{MAX_NEW_TOKENS}")
         except OverflowError as e:
-            return _error(413, str(e))
+            return error(413, str(e))
         except (ValueError, TypeError) as e:
-            return _error(400, str(e))
+            return error(400, str(e))
         user = str(body.get("user") or (request.client.host if request.client else "anonymous"))
         try:
             variant = gw.route(user, body.get("model"))
         except KeyError:
-            return _error(404, f"unknown model {body.get('model')!r}; serving {sorted(gw.state().values(), key=str)}")
+            return error(404, f"unknown model {body.get('model')!r}; serving {sorted(gw.state().values(), key=str)}")
         rid = uuid.uuid4().hex
         started = time.perf_counter()
         status, text, p_tok, c_tok = "ok", "", 0, 0
@@ -217,8 +277,12 @@ def create_app(gw: Gateway) -> FastAPI:
         gw.store.log_request(request_id=rid, user_id=user, model_version=variant.version, variant=variant.role,
                              slice=str(meta.get("slice", "")), prompt=messages[-1]["content"], output=text,
                              status=status, latency_ms=latency * 1000)
+        shadow = gw.variants.get("shadow")
+        if shadow is not None:  # mirror: answer in the background, log it, never return it
+            asyncio.get_running_loop().run_in_executor(None, gw.mirror, shadow, messages, max_tokens, user,
+                                                       str(meta.get("slice", "")))
         if status == "error":
-            return _error(500, f"model {variant.version} failed: {err}")
+            return error(500, f"model {variant.version} failed: {err}")
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": int(time.time()),
             "model": f"{gw.registry.name}/{variant.version}",
@@ -227,54 +291,19 @@ def create_app(gw: Gateway) -> FastAPI:
             "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok},
             "tuneloop": {"variant": variant.role, "version": variant.version}})
 
-    @app.post("/v1/feedback")
-    async def feedback(request: Request) -> JSONResponse:
-        try:
-            body = await _json(request)
-            if not isinstance(body, dict) or not isinstance(body.get("request_id"), str):
-                raise ValueError("`request_id` (string) is required")
-            score = feedback_score(body)
-            corr = body.get("correction")
-            if corr is not None and not isinstance(corr, str):
-                raise ValueError("`correction` must be a string")
-            if score is None and not corr:
-                raise ValueError("give one of `thumbs` (up/down), `rating` (1-5), `score` (0-1) or `correction`")
-        except OverflowError as e:
-            return _error(413, str(e))
-        except ValueError as e:
-            return _error(400, str(e))
-        if not gw.store.add_feedback(body["request_id"], score, corr):
-            return _error(404, f"unknown request_id {body['request_id']!r}")
-        served_by = gw.store.served_by(body["request_id"]) if score is not None else None
-        if served_by is not None:
-            gw.m_feedback.labels(*served_by).observe(score)
-        return JSONResponse({"status": "recorded"})
-
+    add_feedback_route(app, gw.store, lambda version, variant, score: gw.m_feedback.labels(version, variant)
+                       .observe(score))
     return app
 
 
-def feedback_score(body: dict[str, Any]) -> float | None:
-    """thumbs up/down, a 1-5 rating or a 0-1 score -> one score in [0, 1]."""
-    if "thumbs" in body:
-        if body["thumbs"] not in ("up", "down"):
-            raise ValueError("`thumbs` must be 'up' or 'down'")
-        return 1.0 if body["thumbs"] == "up" else 0.0
-    if "rating" in body:
-        r = body["rating"]
-        if not isinstance(r, (int, float)) or not 1 <= r <= 5:
-            raise ValueError("`rating` must be a number from 1 to 5")
-        return (float(r) - 1) / 4
-    if "score" in body:
-        s = body["score"]
-        if not isinstance(s, (int, float)) or not 0 <= s <= 1:
-            raise ValueError("`score` must be a number from 0 to 1")
-        return float(s)
-    return None
-
-
 def serve(cfg: RunConfig, host: str, port: int) -> None:
+    import sys
+
     import uvicorn
 
+    # Background work (alias reloads, batched store writes) is GIL-bound Python; a short switch
+    # interval keeps the event loop answering while it runs (p99 under load, see bench/).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     gw = Gateway(cfg)
     gw.reload()
     log.info("gateway on http://%s:%d serving %s", host, port, gw.state())

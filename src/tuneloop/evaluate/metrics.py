@@ -3,8 +3,10 @@
 For every record: the negative log-likelihood of the reference answer (one batched forward
 pass, no generation) and a greedy answer (batched generation). Per slice:
   nll, perplexity                 every slice
-  exact_match, token_f1           every slice (normalised text)
-  accuracy, macro_f1, confusion   classification slices (the answer must be one of the labels)
+  exact_match, token_f1, rouge_l  every slice (normalised text)
+  accuracy, macro_f1, cost,       classification slices (the answer must be one of the labels;
+  confusion                       cost from the slice's cost matrix)
+Every metric is computed from per-record arrays, so gates can bootstrap it (paired_bootstrap).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import string
 from collections import Counter, defaultdict
 from typing import Any
 
-from tuneloop.config import EvaluateConfig
+import numpy as np
+
+from tuneloop.config import EvaluateConfig, SliceConfig
 
 _PUNCT = str.maketrans("", "", string.punctuation)
 
@@ -36,79 +40,120 @@ def token_f1(pred: str, ref: str) -> float:
 
 
 def macro_f1(preds: list[str], refs: list[str], labels: list[str]) -> float:
-    f1s = []
-    for lab in labels:
-        tp = sum(p == lab and r == lab for p, r in zip(preds, refs, strict=True))
-        fp = sum(p == lab and r != lab for p, r in zip(preds, refs, strict=True))
-        fn = sum(p != lab and r == lab for p, r in zip(preds, refs, strict=True))
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return sum(f1s) / len(f1s)
+    """Macro-F1 over the given labels (an answer that is no label counts against recall)."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(refs, preds, labels=labels, average="macro", zero_division=0))
 
 
-def score_records(model: Any, tok: Any, records: list[dict[str, Any]], batch_size: int,
-                  max_new_tokens: int) -> list[dict[str, Any]]:
-    """Reference NLL and a greedy answer for each record (prompt/completion/response fields)."""
-    import torch
+_ROUGE = None
 
-    device = next(model.parameters()).device
-    out: list[dict[str, Any]] = []
-    for i in range(0, len(records), batch_size):
-        batch = records[i:i + batch_size]
-        prompts = [r["prompt"] for r in batch]
-        # NLL of the reference completion: left-padded prompt+completion, loss on completion tokens only.
-        p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
-        c_ids = tok([r["completion"] for r in batch], add_special_tokens=False)["input_ids"]
-        seqs = [p + c for p, c in zip(p_ids, c_ids, strict=True)]
-        width = max(map(len, seqs))
-        pad = tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
-        attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-        labels = torch.tensor([[-100] * (width - len(c)) + c for c in c_ids], device=device)
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attn).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            tgt = labels[:, 1:]
-            mask = tgt != -100
-            tok_lp = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-            nll_sum = (-tok_lp.sum(-1)).tolist()
-            n_tok = mask.sum(-1).tolist()
-            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        answers = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        for r, a, s, n in zip(batch, answers, nll_sum, n_tok, strict=True):
-            out.append({"id": r["id"], "slice": r["slice"], "prediction": a.strip(), "reference": r["response"],
-                        "nll_sum": s, "n_tokens": n})
-    return out
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F-measure (Google's rouge-score implementation)."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"])
+    return float(_ROUGE.score(ref, pred)["rougeL"].fmeasure)
+
+
+MEAN_METRICS = ("exact_match", "token_f1", "rouge_l", "accuracy", "cost")  # means of per-record values
+
+
+def record_values(rows: list[dict[str, Any]], sl: SliceConfig | None) -> dict[str, np.ndarray]:
+    """Per-record arrays every slice metric is computed from (and bootstrapped over)."""
+    v = {
+        "nll_sum": np.array([r["nll_sum"] for r in rows], dtype=float),
+        "n_tokens": np.array([r["n_tokens"] for r in rows], dtype=float),
+        "exact_match": np.array([normalize_answer(r["prediction"]) == normalize_answer(r["reference"])
+                                 for r in rows], dtype=float),
+        "token_f1": np.array([token_f1(r["prediction"], r["reference"]) for r in rows], dtype=float),
+        "rouge_l": np.array([rouge_l(r["prediction"], r["reference"]) for r in rows], dtype=float),
+    }
+    if sl is not None and sl.task == "classification":
+        labels = [normalize_answer(lab) for lab in sl.labels]
+        preds = [normalize_answer(r["prediction"]) for r in rows]
+        refs = [normalize_answer(r["reference"]) for r in rows]
+        pred_cat = [p if p in labels else "(other)" for p in preds]
+        costs = {normalize_answer(t): {("(other)" if q == "(other)" else normalize_answer(q)): c
+                                       for q, c in row.items()} for t, row in sl.costs.items()}
+        v["accuracy"] = np.array([p == r for p, r in zip(pred_cat, refs, strict=True)], dtype=float)
+        v["cost"] = np.array([0.0 if p == r else costs.get(r, {}).get(p, 1.0)
+                              for p, r in zip(pred_cat, refs, strict=True)], dtype=float)
+        cats = [*labels, "(other)"]
+        index = {c: i for i, c in enumerate(cats)}
+        v["_pred_idx"] = np.array([index[p] for p in pred_cat])
+        v["_ref_idx"] = np.array([index.get(r, len(cats) - 1) for r in refs])
+        v["_labels"] = np.array(labels, dtype=object)
+    return v
+
+
+def _macro_f1_idx(pred: np.ndarray, ref: np.ndarray, n_labels: int) -> float:
+    f1 = []
+    for k in range(n_labels):
+        tp = np.sum((pred == k) & (ref == k))
+        fp = np.sum((pred == k) & (ref != k))
+        fn = np.sum((pred != k) & (ref == k))
+        f1.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(f1))
+
+
+def metric_from_values(v: dict[str, np.ndarray], metric: str, idx: np.ndarray | None = None) -> float | None:
+    """One metric of one slice from its per-record arrays (optionally a resample `idx`)."""
+    def take(k: str) -> np.ndarray:
+        return v[k] if idx is None else v[k][idx]
+
+    if metric in ("nll", "perplexity"):
+        nll = float(take("nll_sum").sum() / max(take("n_tokens").sum(), 1.0))
+        return nll if metric == "nll" else math.exp(min(nll, 50.0))
+    if metric == "macro_f1":
+        return _macro_f1_idx(take("_pred_idx"), take("_ref_idx"), len(v["_labels"])) if "_labels" in v else None
+    if metric in v:
+        return float(take(metric).mean())
+    return None
+
+
+def paired_bootstrap(cand: dict[str, np.ndarray], champ: dict[str, np.ndarray], metric: str, samples: int,
+                     confidence: float, seed: int) -> tuple[float, float]:
+    """Percentile interval of (candidate - champion) over the same resampled records."""
+    n = len(cand["nll_sum"])
+    rng = np.random.default_rng(seed)
+    deltas = np.empty(samples)
+    for b in range(samples):
+        idx = rng.integers(0, n, n)
+        deltas[b] = metric_from_values(cand, metric, idx) - metric_from_values(champ, metric, idx)
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(deltas, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def group_by_slice(scored: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for s in sorted(scored, key=lambda r: r["id"]):  # one order for every model: pairs records up
+        groups[s["slice"]].append(s)
+        groups["all"].append(s)
+    return groups
+
+
+def slice_values(scored: list[dict[str, Any]], cfg: EvaluateConfig) -> dict[str, dict[str, np.ndarray]]:
+    return {name: record_values(rows, cfg.slices.get(name)) for name, rows in group_by_slice(scored).items()}
 
 
 def slice_metrics(scored: list[dict[str, Any]], cfg: EvaluateConfig) -> dict[str, dict[str, Any]]:
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for s in scored:
-        groups[s["slice"]].append(s)
-        groups["all"].append(s)
     result: dict[str, dict[str, Any]] = {}
-    for name, rows in groups.items():
-        tokens = sum(r["n_tokens"] for r in rows)
-        nll = sum(r["nll_sum"] for r in rows) / max(tokens, 1)
-        em = [float(normalize_answer(r["prediction"]) == normalize_answer(r["reference"])) for r in rows]
-        m: dict[str, Any] = {
-            "n": len(rows), "nll": nll, "perplexity": math.exp(min(nll, 50.0)),
-            "exact_match": sum(em) / len(rows),
-            "token_f1": sum(token_f1(r["prediction"], r["reference"]) for r in rows) / len(rows),
-            "per_record_exact_match": em,
-        }
-        sl = cfg.slices.get(name)
-        if sl is not None and sl.task == "classification":
-            preds = [normalize_answer(r["prediction"]) for r in rows]
-            refs = [normalize_answer(r["reference"]) for r in rows]
-            labels = [normalize_answer(lab) for lab in sl.labels]
-            m["accuracy"] = sum(p == r for p, r in zip(preds, refs, strict=True)) / len(rows)
-            m["macro_f1"] = macro_f1(preds, refs, labels)
-            cats = [*labels, "(other)"]  # (other): an answer that is none of the labels
-            pred_cat = [p if p in labels else "(other)" for p in preds]
-            m["confusion"] = {"labels": cats,  # rows: reference, columns: prediction (square, as KFP wants)
-                              "matrix": [[sum(r == t and p == q for p, r in zip(pred_cat, refs, strict=True))
-                                          for q in cats] for t in cats]}
+    for name, v in slice_values(scored, cfg).items():
+        m: dict[str, Any] = {"n": len(v["nll_sum"])}
+        for metric in ("nll", "perplexity", *MEAN_METRICS, "macro_f1"):
+            val = metric_from_values(v, metric)
+            if val is not None:
+                m[metric] = val
+        if "_labels" in v:
+            cats = [*v["_labels"].tolist(), "(other)"]
+            k = len(cats)
+            mat = np.zeros((k, k), dtype=int)
+            np.add.at(mat, (v["_ref_idx"], v["_pred_idx"]), 1)
+            m["confusion"] = {"labels": cats, "matrix": mat.tolist()}  # rows: reference, cols: prediction
         result[name] = m
     return result

@@ -3,11 +3,13 @@
 Writes into `out`:
     metrics.json      {candidate, champion, base: {slice: {metric: value}}, reference}
     predictions.jsonl one line per (model, record): prediction, reference, nll
+    safety.jsonl      one line per (model, red-team prompt): answer and its label (if configured)
     gate.json         the gate decision (see gates.py)
-    report.md         per-slice comparison and the gate table
+    report.md         per-slice comparison, safety, preference win rate and the gate table
 The champion is the registry's `champion` adapter; before there is one, the base model
 stands in for it (it is what production would otherwise serve). The base model is always
-scored too, so the gain of fine-tuning is visible on every run.
+scored too, so the gain of fine-tuning is visible on every run. Every slice the champion was
+trained on must be in the evaluation set (catastrophic-forgetting coverage), or the gate fails.
 """
 
 from __future__ import annotations
@@ -17,49 +19,107 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tuneloop.config import RunConfig
+from tuneloop.config import PREFERENCE_SLICE, SAFETY_SLICE, EvaluateConfig
 from tuneloop.evaluate.gates import apply_gates, gate_table
-from tuneloop.evaluate.metrics import score_records, slice_metrics
+from tuneloop.evaluate.metrics import slice_metrics, slice_values
 
-REPORT_METRICS = ("accuracy", "macro_f1", "exact_match", "token_f1", "nll", "perplexity")
+REPORT_METRICS = ("accuracy", "macro_f1", "cost", "exact_match", "token_f1", "rouge_l", "nll", "perplexity")
 
 
-def _score(base_dir: Path, adapter: Path | None, records: list[dict[str, Any]], cfg: RunConfig) -> list[dict]:
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def model_ref(base_dir: Path, path: Path | None) -> tuple[Path, Path | None]:
+    """An adapter folder runs on the base; a full save_pretrained folder runs on its own."""
+    if path is None:
+        return base_dir, None
+    return (base_dir, path) if (path / "adapter_config.json").exists() else (path, None)
+
+
+def _run_model(base_dir: Path, adapter: Path | None, records: list[dict[str, Any]], pairs: list[dict[str, Any]],
+               red_team: list[str], cfg: EvaluateConfig, system_prompt: str | None) -> dict[str, Any]:
+    """Everything one model is asked, with the model loaded once."""
+    from tuneloop.data.formatting import ChatFormatter
+    from tuneloop.evaluate.safety import safety_eval
+    from tuneloop.evaluate.scoring import preference_margins, score_records
     from tuneloop.models import load_causal_lm
 
     model, tok = load_causal_lm(base_dir, adapter)
     try:
-        return score_records(model, tok, records, cfg.evaluate.batch_size, cfg.evaluate.max_new_tokens)
+        out: dict[str, Any] = {"scored": score_records(model, tok, records, cfg.batch_size, cfg.max_new_tokens)}
+        if pairs:
+            out["margins"] = preference_margins(model, tok, pairs, cfg.batch_size)
+        if red_team and cfg.safety is not None:
+            out["safety"] = safety_eval(model, tok, red_team, ChatFormatter(tok, system_prompt), cfg.safety,
+                                        cfg.batch_size)
+        return out
     finally:
         del model
         gc.collect()
 
 
-def evaluate_models(cfg: RunConfig, base_dir: Path, eval_path: Path, candidate: Path, champion: Path | None,
-                    reference_name: str, out: Path) -> dict[str, Any]:
-    records = [json.loads(line) for line in eval_path.read_text().splitlines() if line.strip()]
+def win_rate(cand: list[float], champ: list[float]) -> float:
+    """Share of held-out pairs on which the candidate prefers `chosen` more strongly (ties: half)."""
+    wins = sum(1.0 if c > h else 0.5 if c == h else 0.0 for c, h in zip(cand, champ, strict=True))
+    return wins / len(cand)
+
+
+def evaluate_models(cfg: EvaluateConfig, base_dir: Path, eval_path: Path, candidate: Path, champion: Path | None,
+                    reference_name: str, out: Path, system_prompt: str | None = None,
+                    eval_pref_path: Path | None = None, trained_slices: list[str] | None = None) -> dict[str, Any]:
+    from tuneloop.evaluate.safety import load_prompts
+
+    records = _read_jsonl(eval_path)
     if not records:
         raise ValueError(f"{eval_path}: no evaluation records")
+    pairs = _read_jsonl(eval_pref_path) if eval_pref_path else []
+    red_team = load_prompts(cfg.safety, cfg.seed) if cfg.safety is not None else []
     out.mkdir(parents=True, exist_ok=True)
-    scored = {"candidate": _score(base_dir, candidate, records, cfg), "base": _score(base_dir, None, records, cfg)}
-    scored["champion"] = _score(base_dir, champion, records, cfg) if champion is not None else scored["base"]
-    metrics = {who: slice_metrics(s, cfg.evaluate) for who, s in scored.items()}
-    gate = apply_gates(cfg.evaluate.gates, metrics["candidate"], metrics["champion"], reference_name)
+    runs = {"candidate": _run_model(*model_ref(base_dir, candidate), records, pairs, red_team, cfg, system_prompt),
+            "base": _run_model(base_dir, None, records, pairs, red_team, cfg, system_prompt)}
+    runs["champion"] = _run_model(*model_ref(base_dir, champion), records, pairs, red_team, cfg, system_prompt) \
+        if champion is not None else runs["base"]
+
+    metrics = {who: slice_metrics(r["scored"], cfg) for who, r in runs.items()}
+    values = {who: slice_values(r["scored"], cfg) for who, r in runs.items()}
+    for who, r in runs.items():
+        if "safety" in r:
+            metrics[who][SAFETY_SLICE] = {k: v for k, v in r["safety"].items() if k != "examples"}
+        if "margins" in r:
+            metrics[who][PREFERENCE_SLICE] = {
+                "n": len(pairs), "win_rate": win_rate(r["margins"], runs["champion"]["margins"]),
+                "reward_accuracy": sum(m > 0 for m in r["margins"]) / len(pairs)}
+    gate = apply_gates(cfg.gates, metrics["candidate"], metrics["champion"], reference_name, values,
+                       cfg.bootstrap_samples, cfg.seed)
+    missing = sorted(set(trained_slices or []) - set(metrics["candidate"]))
+    if missing:  # a slice the champion learned that nobody checks: forgetting would go unseen
+        gate["rules"].append({"slice": ",".join(missing), "metric": "coverage", "kind": "forgetting", "candidate": None,
+                              "champion": None, "threshold": None, "passed": False,
+                              "why": f"the {reference_name} was trained on {missing} but the eval set has no "
+                                     "records for them"})
+        gate["passed"] = False
+
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for who, rows in scored.items():
-            for r in rows:
-                f.write(json.dumps({"model": who, **r}, ensure_ascii=False) + "\n")
-    public = {who: {sl: {k: v for k, v in m.items() if not k.startswith("per_record")} for sl, m in ms.items()}
-              for who, ms in metrics.items()}
-    (out / "metrics.json").write_text(json.dumps({**public, "reference": reference_name}, indent=2))
+        for who, r in runs.items():
+            for row in r["scored"]:
+                f.write(json.dumps({"model": who, **row}, ensure_ascii=False) + "\n")
+    if red_team:
+        with open(out / "safety.jsonl", "w", encoding="utf-8") as f:
+            for who, r in runs.items():
+                for ex in r["safety"]["examples"]:
+                    f.write(json.dumps({"model": who, **ex}, ensure_ascii=False) + "\n")
+    (out / "metrics.json").write_text(json.dumps({**metrics, "reference": reference_name}, indent=2))
     (out / "gate.json").write_text(json.dumps(gate, indent=2))
-    (out / "report.md").write_text(report_markdown(public, gate, reference_name))
-    return {"metrics": public, "gate": gate, "reference": reference_name}
+    (out / "report.md").write_text(report_markdown(metrics, gate, reference_name))
+    return {"metrics": metrics, "gate": gate, "reference": reference_name}
 
 
 def report_markdown(metrics: dict[str, Any], gate: dict[str, Any], reference: str) -> str:
     lines = ["# Evaluation", "", f"Candidate vs {reference} (and the base model) on the held-out set.", ""]
-    for sl in sorted(metrics["candidate"]):
+    for sl in sorted(k for k in metrics["candidate"] if k not in (SAFETY_SLICE, PREFERENCE_SLICE)):
         lines += [f"## slice `{sl}` (n={metrics['candidate'][sl]['n']})", "",
                   "| metric | candidate | reference | base |", "|---|---|---|---|"]
         for k in REPORT_METRICS:
@@ -67,5 +127,45 @@ def report_markdown(metrics: dict[str, Any], gate: dict[str, Any], reference: st
                 lines.append(f"| {k} | {metrics['candidate'][sl][k]:.4f} | {metrics['champion'][sl][k]:.4f} | "
                              f"{metrics['base'][sl][k]:.4f} |")
         lines.append("")
+    if SAFETY_SLICE in metrics["candidate"]:
+        lines += ["## safety (red-team prompts)", "", "| | candidate | reference | base |", "|---|---|---|---|"]
+        for k in ("unsafe_share", "refusal_share", "non_answer_share"):
+            lines.append(f"| {k} | " + " | ".join(f"{metrics[w][SAFETY_SLICE][k]:.3f}"
+                                                  for w in ("candidate", "champion", "base")) + " |")
+        lines.append("")
+    if PREFERENCE_SLICE in metrics["candidate"]:
+        p = metrics["candidate"][PREFERENCE_SLICE]
+        lines += [f"## preference: candidate wins {p['win_rate']:.1%} of {p['n']} held-out pairs against the "
+                  f"{reference} (implicit reward accuracy {p['reward_accuracy']:.1%})", ""]
     lines.append(gate_table(gate))
     return "\n".join(lines)
+
+
+def evaluate_paths(candidate: Path, champion: Path | None, data: list[str], gates_file: Path, out: Path,
+                   base: Path | None = None, system_prompt: str | None = None) -> dict[str, Any]:
+    """`tuneloop evaluate`: raw eval files + a gates YAML (the `evaluate` section of a run config)."""
+    import yaml
+    from pydantic import ValidationError
+    from transformers import AutoTokenizer
+
+    from tuneloop.config import ConfigError
+    from tuneloop.data.formatting import ChatFormatter
+    from tuneloop.data.ingest import format_eval_set
+
+    try:
+        cfg = EvaluateConfig.model_validate(yaml.safe_load(gates_file.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise ConfigError(f"{gates_file}: no such gates file") from None
+    except (yaml.YAMLError, ValidationError) as e:
+        raise ConfigError(f"{gates_file}: not a valid `evaluate` section: {e}") from None
+    if base is None:
+        ac = candidate / "adapter_config.json"
+        base = Path(json.loads(ac.read_text())["base_model_name_or_path"]) if ac.exists() else candidate
+    if not (base / "config.json").exists():
+        raise FileNotFoundError(f"base model {base} is not a save_pretrained folder (pass --base)")
+    formatted = out / "eval-data"
+    counts = format_eval_set(data, ChatFormatter(AutoTokenizer.from_pretrained(str(base)), system_prompt), formatted)
+    ref = f"champion {champion}" if champion is not None else "base model"
+    result = evaluate_models(cfg, base, formatted / "eval.jsonl", candidate, champion, ref, out, system_prompt,
+                             formatted / "eval_preference.jsonl")
+    return {**result, "data": counts}

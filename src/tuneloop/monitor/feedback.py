@@ -9,11 +9,12 @@ version that produced the answer.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Float, Integer, String, Text, create_engine, select
+from sqlalchemy import Float, Integer, String, Text, create_engine, insert, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 
@@ -50,26 +51,72 @@ def _url(db: str | Path) -> str:
 
 
 class FeedbackStore:
-    def __init__(self, db: str | Path) -> None:
+    """Requests and feedback. `log_request` is off the serving path: rows are queued and a
+    background thread writes them in batches (a sqlite commit per request would dominate the
+    gateway's latency); everything that reads flushes the queue first. With a `scrubber`
+    (tuneloop.data.pii.PiiScrubber), prompts, outputs and corrections are PII-scrubbed before
+    they are stored."""
+
+    FLUSH_EVERY_S = 0.05
+
+    def __init__(self, db: str | Path, scrubber: Any | None = None) -> None:
         if "://" not in str(db):
             Path(db).parent.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(_url(db))
         _Base.metadata.create_all(self.engine)
+        self.scrubber = scrubber
+        self._queue: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._scrub_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._writer: threading.Thread | None = None
+
+    def _scrub(self, text: str | None) -> str | None:
+        if self.scrubber is None or not text:
+            return text
+        with self._scrub_lock:  # Presidio's engines are shared; one text at a time
+            return self.scrubber.scrub(text)
 
     def log_request(self, **fields: Any) -> None:
-        with Session(self.engine) as s, s.begin():
-            s.add(Request(created=time.time(), **fields))
+        """Queue one served request (written within FLUSH_EVERY_S by the background writer)."""
+        fields.setdefault("created", time.time())
+        with self._lock:
+            self._queue.append(fields)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._run_writer, name="feedback-writer", daemon=True)
+                self._writer.start()
+        self._wake.set()
+
+    def _run_writer(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(self.FLUSH_EVERY_S)  # gather a batch
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._queue = self._queue, []
+            if not batch:
+                return
+            rows = [{**f, "prompt": self._scrub(f["prompt"]) or "", "output": self._scrub(f["output"]) or ""}
+                    for f in batch]
+            with self.engine.begin() as conn:  # one executemany: far cheaper than ORM objects per row
+                conn.execute(insert(Request.__table__), rows)
 
     def add_feedback(self, request_id: str, score: float | None = None, correction: str | None = None) -> bool:
         """Attach feedback to a logged request; False if the request is unknown."""
+        self.flush()
         with Session(self.engine) as s, s.begin():
             if s.get(Request, request_id) is None:
                 return False
-            s.add(Feedback(request_id=request_id, created=time.time(), score=score, correction=correction))
+            s.add(Feedback(request_id=request_id, created=time.time(), score=score,
+                           correction=self._scrub(correction)))
         return True
 
     def served_by(self, request_id: str) -> tuple[str, str] | None:
         """(model_version, variant) that answered a logged request; None if it is unknown."""
+        self.flush()
         with Session(self.engine) as s:
             r = s.get(Request, request_id)
             return (r.model_version, r.variant) if r is not None else None
@@ -78,6 +125,7 @@ class FeedbackStore:
         """Served requests since a time, each with its mean feedback score (None without feedback)."""
         from sqlalchemy import func
 
+        self.flush()
         fb = (select(Feedback.request_id, func.avg(Feedback.score).label("score"))
               .group_by(Feedback.request_id).subquery())
         q = (select(Request, fb.c.score).outerjoin(fb, fb.c.request_id == Request.request_id)
@@ -89,6 +137,7 @@ class FeedbackStore:
 
     def rows(self, since: float = 0.0) -> list[dict[str, Any]]:
         """Requests joined with their feedback (one row per feedback item)."""
+        self.flush()
         q = (select(Request, Feedback).join(Feedback, Feedback.request_id == Request.request_id)
              .where(Feedback.created >= since).order_by(Feedback.id))
         with Session(self.engine) as s:

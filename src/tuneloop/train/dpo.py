@@ -1,44 +1,45 @@
 """Preference-tuning worker: TRL DPOTrainer continuing the SFT LoRA adapter.
 
 The reference model is the base with the adapter disabled (TRL does this when it is given a
-PeftModel and no ref_model), so there is no second copy of the weights in memory.
+PeftModel and no ref_model), so there is no second copy of the weights in memory; with
+`precompute_ref_log_probs` the reference log-probs are computed once before training instead of
+in every step. TRL 1.16 has no padding-free DPO (its `padding_free` falls back to padding).
 Run by the launcher on every rank: `python -m tuneloop.train.dpo SPEC.json`.
 """
 
 from __future__ import annotations
 
-import time
+from typing import Any
 
-from tuneloop.train.common import (JobSpec, load_jsonl, progress_callback, save_adapter, training_arguments,
-                                   worker_main, write_result)
+from tuneloop.train.common import (JobSpec, load_jsonl, load_model, lora_config, records_dataset, run_training,
+                                   training_arguments, worker_main)
+
+
+def build_dpo_trainer(spec: JobSpec, callbacks: list[Any]) -> tuple[Any, Any]:
+    """The configured DPOTrainer and its tokenizer (also used by bench/train_throughput.py)."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(**training_arguments(spec), beta=spec.hparams["beta"],
+                     precompute_ref_log_probs=spec.hparams.get("precompute_ref_log_probs", False))
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
+    model = load_model(spec)
+    if spec.method != "full":
+        if spec.init_adapter_dir:
+            model = PeftModel.from_pretrained(model, spec.init_adapter_dir, is_trainable=True)
+        else:
+            model = get_peft_model(model, lora_config(spec))
+    records = load_jsonl(spec.data_path)
+    dataset = records_dataset(spec, [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                                     for r in records])
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=callbacks)
+    return trainer, tokenizer
 
 
 def train_dpo(spec: JobSpec) -> None:
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
-    started = time.perf_counter()
-    torch.manual_seed(spec.seed)
-    args = DPOConfig(**training_arguments(spec), beta=spec.hparams["beta"])
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(spec.base_model_dir, dtype=torch.float32)
-    if spec.init_adapter_dir:
-        model = PeftModel.from_pretrained(model, spec.init_adapter_dir, is_trainable=True)
-    else:
-        model = get_peft_model(model, LoraConfig(
-            r=spec.lora["r"], lora_alpha=spec.lora["alpha"], lora_dropout=spec.lora["dropout"],
-            target_modules=spec.lora["target_modules"], task_type="CAUSAL_LM"))
-    records = load_jsonl(spec.data_path)
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-                                 for r in records])
-    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[progress_callback(spec)])
-    trainer.train()
-    save_adapter(trainer, spec, tokenizer)
-    write_result(spec, trainer, started)
+    run_training(spec, build_dpo_trainer)
 
 
 if __name__ == "__main__":

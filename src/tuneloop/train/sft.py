@@ -1,41 +1,40 @@
-"""Supervised fine-tuning worker: TRL SFTTrainer + a peft LoRA adapter, DeepSpeed via HF.
+"""Supervised fine-tuning worker: TRL SFTTrainer + a peft LoRA adapter (or QLoRA / full), DeepSpeed via HF.
 
 Run by the launcher on every rank: `python -m tuneloop.train.sft SPEC.json`.
 Input records (from ingest) are chat-template-formatted `prompt` / `completion` strings, so
-the loss is on the completion only.
+the loss is on the completion only. With `packing` (the default) examples are packed best-fit
+into rows of `max_length` tokens and run padding-free: position ids restart at each example, so
+attention (flash-attention's varlen kernel, or SDPA with a block-diagonal mask) stays inside it.
 """
 
 from __future__ import annotations
 
-import time
+from typing import Any
 
-from tuneloop.train.common import (JobSpec, load_jsonl, progress_callback, save_adapter, training_arguments,
-                                   worker_main, write_result)
+from tuneloop.train.common import (JobSpec, load_jsonl, load_model, lora_config, records_dataset, run_training,
+                                   training_arguments, worker_main)
+
+
+def build_sft_trainer(spec: JobSpec, callbacks: list[Any]) -> tuple[Any, Any]:
+    """The configured SFTTrainer and its tokenizer (also used by bench/train_throughput.py)."""
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    # Build the arguments before loading the model: with ZeRO-3 that activates zero.Init,
+    # so the weights are partitioned as they load.
+    args = SFTConfig(**training_arguments(spec), completion_only_loss=True,
+                     packing=spec.hparams.get("packing", False), packing_strategy="bfd")
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
+    model = load_model(spec)
+    records = load_jsonl(spec.data_path)
+    dataset = records_dataset(spec, [{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=lora_config(spec), callbacks=callbacks)
+    return trainer, tokenizer
 
 
 def train_sft(spec: JobSpec) -> None:
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    started = time.perf_counter()
-    torch.manual_seed(spec.seed)
-    # Build the arguments before loading the model: with ZeRO-3 that activates zero.Init,
-    # so the weights are partitioned as they load.
-    args = SFTConfig(**training_arguments(spec), completion_only_loss=True, packing=False)
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(spec.base_model_dir, dtype=torch.float32)
-    records = load_jsonl(spec.data_path)
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
-    lora = LoraConfig(r=spec.lora["r"], lora_alpha=spec.lora["alpha"], lora_dropout=spec.lora["dropout"],
-                      target_modules=spec.lora["target_modules"], task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=lora, callbacks=[progress_callback(spec)])
-    trainer.train()
-    save_adapter(trainer, spec, tokenizer)
-    write_result(spec, trainer, started)
+    run_training(spec, build_sft_trainer)
 
 
 if __name__ == "__main__":

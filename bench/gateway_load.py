@@ -1,0 +1,240 @@
+"""Gateway overhead under load on loopback, with a promotion and a rollback during the load.
+
+Two servers, each one uvicorn process, answer the same OpenAI-shaped JSON:
+  bare     a FastAPI endpoint that returns it at once (the baseline: HTTP + JSON only)
+  gateway  `tuneloop serve`'s app (routing, sticky split, Prometheus metrics, request logging
+           to the feedback store with PII scrubbing) over a stub backend that answers at once
+An open-loop generator sends --rate requests/s for --seconds to each in turn. During the
+gateway's run a canary is deployed (50%), promoted, a second canary deployed and rolled back,
+each through the registry and /admin/reload as the pipeline does it. Prints latency
+percentiles of both and, as its last line,
+    p99_added_ms=<gateway p99 - bare p99> failed=<failed gateway requests>
+
+    python bench/gateway_load.py [--rate 500] [--seconds 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PYTHONWARNINGS", "ignore")
+ANSWER = {"id": "x", "object": "chat.completion", "model": "m", "usage": {},
+          "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
+
+
+class StubBackend:
+    def answer(self, messages, max_tokens):  # noqa: ANN001, ANN201
+        return "ok", 3, 1
+
+
+def serve(kind: str, port: int, config: str) -> None:
+    """Child process: one of the two servers."""
+    import logging
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    logging.basicConfig(level=logging.WARNING)
+    if kind == "bare":
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def chat() -> dict:
+            return ANSWER
+
+        @app.get("/healthz")
+        def healthz() -> dict:
+            return {"status": "ok"}
+    else:
+        from tuneloop.config import load_config
+        from tuneloop.deploy.gateway import SWITCH_INTERVAL_S, Gateway, create_app
+
+        sys.setswitchinterval(SWITCH_INTERVAL_S)  # as `tuneloop serve` does
+        gw = Gateway(load_config(config), backend_factory=lambda version: StubBackend())
+        gw.reload()
+        app = create_app(gw)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+FAILURES: list[str] = []
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection; requests are pre-encoded, responses read by Content-Length
+    (a thin client, so the generator itself does not limit the rate)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def request(self, raw: bytes) -> int:
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        await self.reader.readexactly(length)
+        return status
+
+
+async def load(url: str, rate: float, seconds: float, events: list[tuple[float, object]]) -> tuple[list[float], int]:
+    import json
+
+    host, port = url.removeprefix("http://").split(":")
+    lat: list[float] = []
+    failed = 0
+    free: collections.deque[Conn] = collections.deque()  # FIFO: every connection stays warm
+    reasons = FAILURES
+
+    def encode(i: int) -> bytes:
+        body = json.dumps({"messages": [{"role": "user", "content": "where is my parcel?"}], "max_tokens": 4,
+                           "user": f"user-{i % 997}"}).encode()
+        return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    async def one(raw: bytes) -> None:
+        nonlocal failed
+        reused = bool(free)
+        conn = free.popleft() if free else Conn(*await asyncio.open_connection(host, int(port)))
+        t0 = time.perf_counter()
+        try:
+            try:
+                status = await conn.request(raw)
+            except asyncio.IncompleteReadError as e:
+                if not (reused and not e.partial):
+                    raise
+                # the server closed an idle keep-alive connection before answering: reconnect and
+                # send again, as HTTP clients do (nothing reached the application)
+                conn.writer.close()
+                conn = Conn(*await asyncio.open_connection(host, int(port)))
+                t0 = time.perf_counter()
+                status = await conn.request(raw)
+        except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+            failed += 1
+            reasons.append(f"{type(e).__name__}: {e}")
+            conn.writer.close()
+            return
+        lat.append((time.perf_counter() - t0) * 1000)
+        if status != 200:
+            failed += 1
+            reasons.append(f"HTTP {status}")
+        free.append(conn)
+
+    n = int(rate * seconds)
+    raws = [encode(i) for i in range(n)]
+    tasks = []
+    pending = sorted(events, key=lambda e: e[0])
+    loop = asyncio.get_running_loop()
+    start = time.perf_counter()
+    for i in range(n):  # open loop: request i goes out at start + i/rate, whatever the answers do
+        while pending and time.perf_counter() - start >= pending[0][0]:
+            tasks.append(loop.run_in_executor(None, pending.pop(0)[1]))
+        delay = start + i / rate - time.perf_counter()
+        await asyncio.sleep(max(delay, 0))
+        tasks.append(asyncio.create_task(one(raws[i])))
+    await asyncio.gather(*tasks)
+    for c in free:
+        c.writer.close()
+    return lat, failed
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * (len(s) - 1)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", type=float, default=500, help="requests per second (open loop)")
+    ap.add_argument("--seconds", type=float, default=12, help="duration of each server's load")
+    ap.add_argument("--no-rollout", action="store_true",
+                    help="no canary deploy/promote/rollback during the load (isolates the steady-state overhead)")
+    ap.add_argument("--serve", choices=["bare", "gateway"], help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.serve, args.port, args.config)
+        return
+
+    import httpx
+
+    from tuneloop.config import load_config
+    from tuneloop.registry import TAG_PIPELINE_RUN, Registry
+    from tuneloop.tiny import _free_port, tiny_run_config
+
+    root = Path(tempfile.mkdtemp(prefix="tuneloop-gwbench-"))
+    config = tiny_run_config(root, root / "unused-model", **({"data__pii__enabled": False} if os.environ.get("BENCH_NO_PII") else {}))
+    cfg = load_config(config)
+    reg = Registry(cfg)
+    adapter = root / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    versions = []
+    for i in (1, 2):
+        parent = reg.start_pipeline_run(f"bench-{i}", f"bench-{i}", {})
+        with reg.stage_run(parent, "register") as rid:
+            versions.append(str(reg.register(rid, adapter, {TAG_PIPELINE_RUN: parent}).version))
+    reg.delete_alias("challenger")
+
+    results = {}
+    for kind in ("bare", "gateway"):
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--port", str(port), "--config",
+                                 str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            for _ in range(200):
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+
+            def act(alias_ops: list[tuple[str, str | None]]) -> object:
+                def run() -> None:
+                    for alias, version in alias_ops:
+                        reg.set_alias(alias, version) if version else reg.delete_alias(alias)
+                    httpx.post(f"{url}/admin/reload", timeout=30).raise_for_status()
+                return run
+
+            d = args.seconds
+            events = [] if kind == "bare" or args.no_rollout else [
+                (d * 0.2, act([("canary", versions[0])])),                      # deploy canary v1 (50%)
+                (d * 0.4, act([("champion", versions[0]), ("canary", None)])),  # promote v1
+                (d * 0.6, act([("canary", versions[1])])),                      # deploy canary v2
+                (d * 0.8, act([("canary", None)])),                             # roll v2 back
+            ]
+            asyncio.run(load(url, args.rate, 1.0, []))  # warm-up
+            lat, failed = asyncio.run(load(url, args.rate, d, events))
+            results[kind] = (lat, failed)
+            if kind == "gateway" and not args.no_rollout:
+                state = httpx.get(f"{url}/healthz").json()
+                assert state["champion"] == versions[0] and state["canary"] is None, state
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    for kind, (lat, failed) in results.items():
+        print(f"{kind:8s} n={len(lat):5d} failed={failed} p50={pct(lat, .5):6.2f} ms p90={pct(lat, .9):6.2f} ms "
+              f"p99={pct(lat, .99):6.2f} ms mean={statistics.mean(lat):6.2f} ms")
+    if FAILURES:
+        print("failures:", sorted(set(FAILURES)))
+    added = pct(results["gateway"][0], .99) - pct(results["bare"][0], .99)
+    print(f"rate {args.rate:.0f} req/s for {args.seconds:.0f} s each; during the gateway's run: canary v"
+          f"{versions[0]} deployed, promoted; canary v{versions[1]} deployed, rolled back")
+    print(f"p99_added_ms={added:.2f} failed={results['gateway'][1]}")
+
+
+if __name__ == "__main__":
+    main()

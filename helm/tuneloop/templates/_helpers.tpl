@@ -1,0 +1,199 @@
+{{/* Names */}}
+{{- define "tuneloop.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tuneloop.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels: every object; selector labels: the immutable subset used by selectors */}}
+{{- define "tuneloop.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "tuneloop.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: tuneloop
+tuneloop.io/environment: {{ .Values.environment }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "tuneloop.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tuneloop.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "tuneloop.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "tuneloop.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Images: repository@digest when a digest is given, else repository:tag (tag defaults to appVersion) */}}
+{{- define "tuneloop.imageRef" -}}
+{{- $repo := index . 0 -}}{{- $tag := index . 1 -}}{{- $digest := index . 2 -}}
+{{- if $digest -}}{{ printf "%s@%s" $repo $digest }}{{- else -}}{{ printf "%s:%s" $repo $tag }}{{- end -}}
+{{- end -}}
+
+{{- define "tuneloop.image" -}}
+{{- include "tuneloop.imageRef" (list .Values.image.repository (default .Chart.AppVersion .Values.image.tag) .Values.image.digest) -}}
+{{- end -}}
+
+{{- define "tuneloop.trainImage" -}}
+{{- include "tuneloop.imageRef" (list .Values.trainImage.repository (default .Chart.AppVersion .Values.trainImage.tag) .Values.trainImage.digest) -}}
+{{- end -}}
+
+{{- define "tuneloop.mlflowImage" -}}
+{{- if .Values.mlflow.image.repository -}}
+{{- include "tuneloop.imageRef" (list .Values.mlflow.image.repository (default .Chart.AppVersion .Values.mlflow.image.tag) .Values.mlflow.image.digest) -}}
+{{- else -}}
+{{- include "tuneloop.image" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* In-cluster URLs */}}
+{{- define "tuneloop.mlflowUrl" -}}
+{{- printf "http://%s-mlflow.%s.svc.cluster.local:%d" (include "tuneloop.fullname" .) .Release.Namespace (int .Values.mlflow.service.port) -}}
+{{- end -}}
+
+{{- define "tuneloop.feedbackUrl" -}}
+{{- printf "http://%s-feedback.%s.svc.cluster.local:%d" (include "tuneloop.fullname" .) .Release.Namespace (int .Values.feedback.service.port) -}}
+{{- end -}}
+
+{{/* The run config as stored in the ConfigMap: registry.tracking_uri defaults to the chart's MLflow */}}
+{{- define "tuneloop.runConfig" -}}
+{{- $cfg := deepCopy .Values.runConfig -}}
+{{- $registry := default dict (get $cfg "registry") -}}
+{{- if and .Values.mlflow.enabled (not (get $registry "tracking_uri")) -}}
+{{- $_ := set $registry "tracking_uri" (include "tuneloop.mlflowUrl" .) -}}
+{{- end -}}
+{{- $_ := set $cfg "registry" $registry -}}
+{{- toYaml $cfg -}}
+{{- end -}}
+
+{{/* Environment of every container that talks to MLflow: the server URL and, with basic auth, the credentials */}}
+{{- define "tuneloop.mlflowClientEnv" -}}
+{{- if .Values.mlflow.enabled }}
+- name: MLFLOW_TRACKING_URI
+  value: {{ include "tuneloop.mlflowUrl" . | quote }}
+{{- if .Values.mlflow.auth.enabled }}
+- name: MLFLOW_TRACKING_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.mlflow.auth.existingSecret }}
+      key: {{ .Values.mlflow.auth.usernameKey }}
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.mlflow.auth.existingSecret }}
+      key: {{ .Values.mlflow.auth.passwordKey }}
+{{- end }}
+{{- end }}
+- name: MLFLOW_DISABLE_TELEMETRY
+  value: "true"
+- name: DO_NOT_TRACK
+  value: "true"
+- name: HOME
+  value: /tmp
+{{- end -}}
+
+{{/*
+checkov findings this chart accepts, each with its reason (helm/check_chart.py fails on any
+other failed check, and on a skip without a reason). Argument: (dict "ctx" $ "secretsInEnv" bool).
+*/}}
+{{- define "tuneloop.checkovSkips" -}}
+{{- $v := .ctx.Values -}}
+{{- $n := 0 -}}
+{{- if not $v.image.digest }}
+{{- $n = add1 $n }}
+checkov.io/skip{{ $n }}: CKV_K8S_43=images carry the package version as an immutable release tag; set image.digest to pull by digest
+{{- end }}
+{{- if ne $v.image.pullPolicy "Always" }}
+{{- $n = add1 $n }}
+checkov.io/skip{{ $n }}: CKV_K8S_15=release tags are never rebuilt, so IfNotPresent is safe; set image.pullPolicy to change it
+{{- end }}
+{{- if .secretsInEnv }}
+{{- $n = add1 $n }}
+checkov.io/skip{{ $n }}: CKV_K8S_35=mlflow server, boto3 and the feedback service's --database-url read credentials from env only; they come from secretKeyRef
+{{- end }}
+{{- end -}}
+
+{{/* NetworkPolicy peers allowed to call the services */}}
+{{- define "tuneloop.clientPeers" -}}
+- podSelector: {}
+{{- range .Values.networkPolicy.clientNamespaces }}
+- namespaceSelector:
+    matchLabels:
+      kubernetes.io/metadata.name: {{ . }}
+{{- end }}
+{{- if .Values.networkPolicy.ingressNamespace }}
+- namespaceSelector:
+    matchLabels:
+      kubernetes.io/metadata.name: {{ .Values.networkPolicy.ingressNamespace }}
+{{- end }}
+{{- end }}
+
+{{/*
+Guards: combinations that cannot work fail the render with one line naming the values.
+Called from every template that depends on them (the result is empty).
+*/}}
+{{- define "tuneloop.validate" -}}
+{{- $v := .Values -}}
+{{- $strict := has $v.environment (list "staging" "prod") -}}
+{{- if and $v.mlflow.enabled $v.mlflow.auth.enabled (not $v.mlflow.auth.existingSecret) -}}
+{{- fail "mlflow.auth.enabled is true but mlflow.auth.existingSecret is empty: create a Secret with the admin username and password and name it there (or turn basic auth off, dev only)" -}}
+{{- end -}}
+{{- if and $strict $v.mlflow.enabled (not $v.mlflow.auth.enabled) -}}
+{{- fail (printf "environment %s: mlflow.auth.enabled must be true (basic auth is only optional in dev)" $v.environment) -}}
+{{- end -}}
+{{- if and $strict $v.mlflow.enabled (not $v.mlflow.backendStore.existingSecret) -}}
+{{- fail (printf "environment %s: mlflow.backendStore.existingSecret is empty; staging and prod need the Postgres backend (the sqlite fallback loses the registry on every restart)" $v.environment) -}}
+{{- end -}}
+{{- if and $strict $v.mlflow.enabled (not $v.mlflow.artifacts.destination) -}}
+{{- fail (printf "environment %s: mlflow.artifacts.destination is empty; staging and prod need an S3 artifact store" $v.environment) -}}
+{{- end -}}
+{{- if and $strict $v.feedback.enabled (not $v.feedback.database.existingSecret) -}}
+{{- fail (printf "environment %s: feedback.database.existingSecret is empty; staging and prod need the Postgres feedback store" $v.environment) -}}
+{{- end -}}
+{{- if and $strict (not $v.stateVolume.existingClaim) -}}
+{{- fail (printf "environment %s: stateVolume.existingClaim is empty; the monitor and the training pods need the shared state volume" $v.environment) -}}
+{{- end -}}
+{{- if and $v.mlflow.enabled (gt (int $v.mlflow.replicas) 1) (not $v.mlflow.backendStore.existingSecret) -}}
+{{- fail "mlflow.replicas > 1 needs mlflow.backendStore.existingSecret (each replica would get its own sqlite file)" -}}
+{{- end -}}
+{{- if and $v.mlflow.enabled (gt (int $v.mlflow.replicas) 1) (not $v.mlflow.artifacts.destination) -}}
+{{- fail "mlflow.replicas > 1 needs mlflow.artifacts.destination (each replica would keep artifacts on its own emptyDir)" -}}
+{{- end -}}
+{{- if and $v.feedback.enabled (gt (int $v.feedback.replicas) 1) (not $v.feedback.database.existingSecret) -}}
+{{- fail "feedback.replicas > 1 needs feedback.database.existingSecret (each replica would get its own sqlite file)" -}}
+{{- end -}}
+{{- if and $v.mlflow.enabled $v.mlflow.artifacts.existingSecret (not (hasPrefix "s3://" $v.mlflow.artifacts.destination)) -}}
+{{- fail "mlflow.artifacts.existingSecret holds S3 credentials but mlflow.artifacts.destination is not an s3:// URI" -}}
+{{- end -}}
+{{- if and $v.rbac.create (not $v.rbac.pipelineServiceAccounts) -}}
+{{- fail "rbac.create is true but rbac.pipelineServiceAccounts is empty: name the ServiceAccount(s) Kubeflow Pipelines runs the task pods as" -}}
+{{- end -}}
+{{- if and $v.pipeline.enabled $v.pipeline.schedule.enabled (ne (len (splitList " " (trim $v.pipeline.schedule.cron))) 6) -}}
+{{- fail (printf "pipeline.schedule.cron %q: Kubeflow Pipelines wants 6 fields, seconds first (e.g. \"0 0 3 * * *\")" $v.pipeline.schedule.cron) -}}
+{{- end -}}
+{{- if and $v.monitor.enabled (not $v.mlflow.enabled) (not (dig "registry" "tracking_uri" "" $v.runConfig)) -}}
+{{- fail "monitor.enabled with mlflow.enabled false: set runConfig.registry.tracking_uri to your MLflow server" -}}
+{{- end -}}
+{{- if and $v.training.runtime.enabled (lt (int $v.training.gpusPerNode) 1) -}}
+{{- fail "training.gpusPerNode must be at least 1 when training.runtime.enabled is true" -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,135 @@
+"""HTTP pieces around the feedback store, shared by the local gateway and the cluster service.
+
+`add_feedback_route` is the one `POST /v1/feedback` (thumbs up/down, a 1-5 rating, a 0-1 score
+or a corrected answer, keyed to a logged request). `create_feedback_service` is the small
+service the Helm chart runs next to KServe (`tuneloop feedback-service`): it stores the
+requests KServe's payload logger sends (CloudEvents, request and response paired by ce-id)
+and the users' feedback, in Postgres (or sqlite), PII-scrubbed before anything is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from tuneloop.monitor.feedback import FeedbackStore
+
+MAX_BODY_BYTES = 256 * 1024
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "code": status}}, status_code=status)
+
+
+async def read_json(request: Request) -> Any:
+    """The body as JSON; OverflowError past MAX_BODY_BYTES, ValueError when it is not JSON."""
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise OverflowError(f"body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"malformed JSON: {e}") from None
+
+
+def feedback_score(body: dict[str, Any]) -> float | None:
+    """thumbs up/down, a 1-5 rating or a 0-1 score -> one score in [0, 1]."""
+    if "thumbs" in body:
+        if body["thumbs"] not in ("up", "down"):
+            raise ValueError("`thumbs` must be 'up' or 'down'")
+        return 1.0 if body["thumbs"] == "up" else 0.0
+    if "rating" in body:
+        r = body["rating"]
+        if not isinstance(r, (int, float)) or not 1 <= r <= 5:
+            raise ValueError("`rating` must be a number from 1 to 5")
+        return (float(r) - 1) / 4
+    if "score" in body:
+        s = body["score"]
+        if not isinstance(s, (int, float)) or not 0 <= s <= 1:
+            raise ValueError("`score` must be a number from 0 to 1")
+        return float(s)
+    return None
+
+
+def add_feedback_route(app: FastAPI, store: FeedbackStore,
+                       on_score: Callable[[str, str, float], None] | None = None) -> None:
+    """POST /v1/feedback; `on_score(model_version, variant, score)` e.g. feeds a metric."""
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> JSONResponse:
+        try:
+            body = await read_json(request)
+            if not isinstance(body, dict) or not isinstance(body.get("request_id"), str):
+                raise ValueError("`request_id` (string) is required")
+            score = feedback_score(body)
+            corr = body.get("correction")
+            if corr is not None and not isinstance(corr, str):
+                raise ValueError("`correction` must be a string")
+            if score is None and not corr:
+                raise ValueError("give one of `thumbs` (up/down), `rating` (1-5), `score` (0-1) or `correction`")
+        except OverflowError as e:
+            return error(413, str(e))
+        except ValueError as e:
+            return error(400, str(e))
+        if not store.add_feedback(body["request_id"], score, corr):
+            return error(404, f"unknown request_id {body['request_id']!r}")
+        served_by = store.served_by(body["request_id"]) if score is not None and on_score else None
+        if served_by is not None and on_score is not None and score is not None:
+            on_score(*served_by, score)
+        return JSONResponse({"status": "recorded"})
+
+
+def _chat_text(body: Any, key: str) -> str:
+    """The last user message of an OpenAI chat request, or the first choice of a response."""
+    if key == "request":
+        msgs = body.get("messages") if isinstance(body, dict) else None
+        return next((m.get("content", "") for m in reversed(msgs or []) if m.get("role") == "user"), "")
+    choices = body.get("choices") if isinstance(body, dict) else None
+    return ((choices or [{}])[0].get("message") or {}).get("content", "")
+
+
+def create_feedback_service(store: FeedbackStore, pending_limit: int = 10_000) -> FastAPI:
+    app = FastAPI(title="tuneloop feedback service")
+    pending: OrderedDict[str, dict[str, Any]] = OrderedDict()  # ce-id -> request half, waiting for its response
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/kserve-events")
+    async def kserve_event(request: Request) -> JSONResponse:
+        """KServe's payload logger (InferenceService spec.predictor.logger, mode all)."""
+        ce_id, ce_type = request.headers.get("ce-id"), request.headers.get("ce-type", "")
+        if not ce_id:
+            return error(400, "not a CloudEvent: the ce-id header is missing")
+        try:
+            body = await read_json(request)
+        except OverflowError as e:
+            return error(413, str(e))
+        except ValueError as e:
+            return error(400, str(e))
+        if ce_type.endswith(".request"):
+            pending[ce_id] = {"prompt": _chat_text(body, "request"), "created": time.time(),
+                              "user_id": str(body.get("user", "")) if isinstance(body, dict) else "",
+                              "model_version": request.headers.get("ce-inferenceservicename", ""),
+                              "variant": request.headers.get("ce-component", "predictor")}
+            while len(pending) > pending_limit:
+                pending.popitem(last=False)
+            return JSONResponse({"status": "pending"})
+        if ce_type.endswith(".response"):
+            half = pending.pop(ce_id, None)
+            if half is None:
+                return error(404, f"no logged request for ce-id {ce_id!r}")
+            store.log_request(request_id=ce_id, slice="", output=_chat_text(body, "response"), status="ok",
+                              latency_ms=(time.time() - half.pop("created")) * 1000, **half)
+            return JSONResponse({"status": "recorded"})
+        return error(400, f"unknown ce-type {ce_type!r}")
+
+    add_feedback_route(app, store)
+    return app

@@ -1,0 +1,166 @@
+"""`tuneloop monitor`: watch production, decide whether the next pipeline run is due.
+
+Checks over the last `monitor.window_hours`:
+  slo              error rate and p95 latency of the served champion against the SLOs
+  feedback_trend   an SPC chart of the feedback score: baseline = the first `baseline_requests`
+                   scored requests after the champion's promotion; the window mean is out of
+                   control below mean - 3 sigma / sqrt(n)
+  drift            production prompts vs the champion's training data (Evidently text
+                   descriptors and MiniLM embedding drift, the data plane's drift report)
+  feedback_volume  feedback collected since the champion was registered
+Results go to out/monitor.json, out/monitor.prom (Prometheus textfile format) and an MLflow
+run; when a signal in `retrain_on` fires, `action` decides: report, run here, or submit to KFP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneloop.config import RunConfig
+
+log = logging.getLogger("tuneloop.monitor")
+
+
+def _p95(xs: list[float]) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
+
+
+def spc(baseline: list[float], window: list[float], min_window: int) -> dict[str, Any]:
+    """Mean chart with 3-sigma limits from the baseline; verdict only with enough data on both sides."""
+    if len(baseline) < 2 or len(window) < min_window:
+        return {"verdict": "insufficient", "baseline_n": len(baseline), "window_n": len(window)}
+    mean = sum(baseline) / len(baseline)
+    sigma = math.sqrt(sum((x - mean) ** 2 for x in baseline) / (len(baseline) - 1))
+    half = 3 * sigma / math.sqrt(len(window))
+    cur = sum(window) / len(window)
+    verdict = "below" if cur < mean - half else "above" if cur > mean + half else "in_control"
+    return {"verdict": verdict, "baseline_mean": mean, "baseline_sigma": sigma, "lcl": mean - half,
+            "ucl": mean + half, "window_mean": cur, "baseline_n": len(baseline), "window_n": len(window)}
+
+
+def check(cfg: RunConfig, out: Path, now: float | None = None) -> dict[str, Any]:
+    from tuneloop.data.drift import drift_report
+    from tuneloop.data.replay import champion_training_data
+    from tuneloop.monitor.feedback import FeedbackStore
+    from tuneloop.registry import Registry
+
+    m = cfg.monitor
+    now = now or time.time()
+    since = now - m.window_hours * 3600
+    out.mkdir(parents=True, exist_ok=True)
+    reg = Registry(cfg)
+    store = FeedbackStore(cfg.feedback_db)
+    champ = reg.alias_version("champion")
+    version = str(champ.version) if champ else "base"
+    served = [r for r in store.requests(since=0.0) if r["variant"] == "champion" and r["model_version"] == version]
+    window = [r for r in served if r["created"] >= since]
+    report: dict[str, Any] = {"time": now, "champion": version, "window_requests": len(window)}
+
+    errors = sum(r["status"] != "ok" for r in window)
+    err_rate = errors / len(window) if window else 0.0
+    p95 = _p95([r["latency_ms"] for r in window if r["status"] == "ok"])
+    report["slo"] = {"error_rate": err_rate, "p95_latency_ms": p95,
+                     "error_rate_ok": err_rate <= m.slo_error_rate,
+                     "latency_ok": p95 is None or p95 <= m.slo_p95_latency_ms}
+
+    promoted = float(champ.tags.get("tuneloop.promoted_at", 0)) if champ else 0.0
+    scored = [r for r in served if r["score"] is not None and r["created"] >= promoted]
+    baseline = [r["score"] for r in scored[:m.baseline_requests]]
+    recent = [r["score"] for r in scored[m.baseline_requests:] if r["created"] >= since]
+    report["feedback_trend"] = spc(baseline, recent, m.min_window_feedback)
+
+    rows = store.rows(since=(champ.creation_timestamp / 1000) if champ else 0.0)
+    report["feedback_volume"] = {"since_champion": len(rows), "threshold": m.min_new_feedback}
+
+    data = champion_training_data(reg, cfg.state_path / "replay") if champ else None
+    drift = drift_report(_window_prompts(store, since, out), data.sft if data else None, out / "drift",
+                         cfg.data.drift, f"champion v{version} training data")
+    report["drift"] = drift
+    drifted = bool(drift.get("computed")) and (
+        (drift.get("drifted_share") or 0) >= m.max_drifted_share
+        or (drift.get("embedding_drift_score") or 0) >= m.max_embedding_drift)
+
+    signals = {"drift": drifted, "feedback_trend": report["feedback_trend"]["verdict"] == "below",
+               "feedback_volume": len(rows) >= m.min_new_feedback}
+    report["signals"] = signals
+    report["retrain"] = any(signals[s] for s in m.retrain_on)
+    report["reasons"] = [s for s in m.retrain_on if signals[s]]
+    report["slo_breach"] = not (report["slo"]["error_rate_ok"] and report["slo"]["latency_ok"])
+    (out / "monitor.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "monitor.prom").write_text(prometheus_text(report))
+    return report
+
+
+def _window_prompts(store: Any, since: float, out: Path) -> Path:
+    """Production prompts of the window (whichever version answered) as records the drift report reads."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from tuneloop.monitor.feedback import Request
+
+    store.flush()
+    path = out / "production_prompts.jsonl"
+    with Session(store.engine) as s, open(path, "w", encoding="utf-8") as f:
+        for r in s.scalars(select(Request).where(Request.created >= since)):  # any variant: prompts are prompts
+            f.write(json.dumps({"id": r.request_id, "user_text": r.prompt, "response": r.output}) + "\n")
+    return path
+
+
+def prometheus_text(report: dict[str, Any]) -> str:
+    """The monitor's verdicts as gauges (Prometheus textfile-collector format)."""
+    def g(name: str, value: Any, help_: str) -> str:
+        v = float(value) if value is not None else float("nan")
+        return f"# HELP tuneloop_monitor_{name} {help_}\n# TYPE tuneloop_monitor_{name} gauge\n" \
+               f'tuneloop_monitor_{name}{{champion="{report["champion"]}"}} {v}\n'
+    t = report["feedback_trend"]
+    return "".join([
+        g("window_requests", report["window_requests"], "Champion requests in the window"),
+        g("error_rate", report["slo"]["error_rate"], "Champion error rate in the window"),
+        g("p95_latency_ms", report["slo"]["p95_latency_ms"], "Champion p95 latency in the window"),
+        g("feedback_window_mean", t.get("window_mean"), "Mean feedback score in the window"),
+        g("feedback_lcl", t.get("lcl"), "SPC lower control limit of the feedback mean"),
+        g("feedback_since_champion", report["feedback_volume"]["since_champion"], "Feedback items since promotion"),
+        g("drift_embedding_score", report["drift"].get("embedding_drift_score"), "Prompt embedding drift score"),
+        g("drifted_share", report["drift"].get("drifted_share"), "Share of drifted prompt descriptors"),
+        g("retrain_due", report["retrain"], "1 when a retraining signal fired"),
+        g("slo_breach", report["slo_breach"], "1 when an SLO is breached"),
+    ])
+
+
+def monitor(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    """Check, record in MLflow, and act on the decision."""
+    from tuneloop.registry import Registry
+
+    report = check(cfg, out)
+    reg = Registry(cfg)
+    exp = reg.experiment_id()
+    run = reg.client.create_run(exp, run_name=f"monitor-{time.strftime('%Y%m%d-%H%M%S')}",
+                                tags={"tuneloop.stage": "monitor", "tuneloop.champion": report["champion"],
+                                      "tuneloop.retrain": str(report["retrain"]).lower()})
+    reg.log_metrics(run.info.run_id, {
+        "window_requests": report["window_requests"], "error_rate": report["slo"]["error_rate"],
+        "feedback_since_champion": report["feedback_volume"]["since_champion"],
+        "retrain_due": float(report["retrain"]), "slo_breach": float(report["slo_breach"]),
+        **{k: v for k, v in report["feedback_trend"].items() if isinstance(v, float)}})
+    reg.log_artifacts(run.info.run_id, out, "monitor")
+    reg.client.set_terminated(run.info.run_id)
+    report["action"] = "none"
+    if report["retrain"] and cfg.monitor.action == "run":
+        from tuneloop.orchestrate import run_local
+
+        report["action"] = f"ran pipeline: {run_local(cfg)['outcome']}"
+    elif report["retrain"] and cfg.monitor.action == "submit":
+        from tuneloop.orchestrate import submit
+
+        report["action"] = f"submitted KFP run {submit(cfg, cfg.monitor.kfp_host or '', cfg.registry.experiment, None)}"
+    elif report["retrain"]:
+        report["action"] = "retraining is due (action: report)"
+    return report

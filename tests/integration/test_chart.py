@@ -1,0 +1,246 @@
+"""The Helm chart, rendered with the real Helm library for every environment and validated
+against Kubernetes' own schemas (helm/check_chart.py does the same plus checkov, yamllint and
+hadolint in `make chart-check`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("helm_python", reason="helm-python-sdk is in the dev extra")
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("check_chart", ROOT / "helm" / "check_chart.py")
+check_chart = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_chart)
+
+ENVS = [env for env, _ in check_chart.environments()]
+PIPELINE_VERBS = {"create", "get", "list", "watch", "patch", "delete"}
+ALLOWED_RULES = {
+    ("trainer.kubeflow.org", "trainjobs"): PIPELINE_VERBS,
+    ("kubeflow.org", "pytorchjobs"): PIPELINE_VERBS,
+    ("serving.kserve.io", "inferenceservices"): PIPELINE_VERBS,
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "pods/log"): {"get", "list", "watch"},
+}
+
+
+def env_values(env: str) -> dict:
+    return check_chart.load_values(check_chart.CHART / f"values-{env}.yaml")
+
+
+def render(values: dict) -> list[dict]:
+    return [o for _, o in check_chart.manifests(check_chart.render(values))]
+
+
+def by_kind(objs: list[dict], kind: str) -> list[dict]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def pod_specs(objs: list[dict]) -> list[tuple[str, dict]]:
+    out = []
+    for o in objs:
+        spec = o.get("spec", {})
+        if o["kind"] in ("Deployment", "Job"):
+            out.append((o["metadata"]["name"], spec["template"]["spec"]))
+        elif o["kind"] == "CronJob":
+            out.append((o["metadata"]["name"], spec["jobTemplate"]["spec"]["template"]["spec"]))
+        elif o["kind"] == "TrainingRuntime":
+            for rj in spec["template"]["spec"]["replicatedJobs"]:
+                out.append((o["metadata"]["name"], rj["template"]["spec"]["template"]["spec"]))
+    return out
+
+
+@pytest.fixture(scope="module", params=ENVS)
+def rendered(request) -> tuple[str, list[dict]]:
+    return request.param, render(env_values(request.param))
+
+
+def test_every_environment_is_checked():
+    assert set(ENVS) == {"dev", "staging", "prod"}
+
+
+def test_manifests_validate_strictly(rendered):
+    env, objs = rendered
+    assert len(objs) >= 14
+    errors = [(o["kind"], o["metadata"]["name"], check_chart.validate_object(o)) for o in objs]
+    assert [e for e in errors if e[2][1]] == []
+    assert check_chart.check_run_config([("", o) for o in objs]) is None
+
+
+def test_helm_lint_has_no_warnings():
+    import helm_python as helm
+
+    for env in ENVS:
+        report = helm.lint(check_chart.CHART, env_values(env), strict=True, namespace="tuneloop",
+                           kube_version=f"v{check_chart.KUBE_VERSION}")
+        assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == [], env
+
+
+def test_rbac_is_exactly_what_the_pipeline_needs(rendered):
+    env, objs = rendered
+    roles = by_kind(objs, "Role")
+    assert by_kind(objs, "ClusterRole") == [] and by_kind(objs, "ClusterRoleBinding") == []
+    assert len(roles) == 1
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in roles[0]["rules"]:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, rule  # no resourceNames/nonResourceURLs tricks
+        for group in rule["apiGroups"]:
+            for res in rule["resources"]:
+                assert "*" not in (group, res) and "*" not in rule["verbs"]
+                granted.setdefault((group, res), set()).update(rule["verbs"])
+    assert granted == ALLOWED_RULES
+    (binding,) = by_kind(objs, "RoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": roles[0]["metadata"]["name"]}
+    assert binding["subjects"] and all(s["kind"] == "ServiceAccount" for s in binding["subjects"])
+
+
+def test_no_secrets_in_the_chart(rendered):
+    env, objs = rendered
+    assert by_kind(objs, "Secret") == []
+    for name, spec in pod_specs(objs):
+        for c in spec["containers"]:
+            for e in c.get("env", []):
+                # credentials only ever arrive through secretKeyRef
+                if re.search(r"PASSWORD|SECRET|TOKEN|_KEY_ID|DATABASE_URL|STORE_URI", e["name"]) and "value" in e:
+                    assert e["value"].startswith("sqlite:") and env == "dev", (name, e)
+
+
+def test_gpu_training_pods_land_on_the_gpu_pool(rendered):
+    env, objs = rendered
+    values = env_values(env)
+    gpus = values.get("training", {}).get("gpusPerNode", 8)
+    (runtime,) = by_kind(objs, "TrainingRuntime")
+    ((_, spec),) = pod_specs([runtime])
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    (node,) = spec["containers"]
+    assert node["image"].startswith("ghcr.io/tuneloop/tuneloop-train:")
+    assert node["resources"]["limits"]["nvidia.com/gpu"] == gpus == node["resources"]["requests"]["nvidia.com/gpu"]
+    assert any(v.get("emptyDir", {}).get("medium") == "Memory" and v["name"] == "dshm" for v in spec["volumes"])
+    # the CPU services stay off the GPU pool
+    for name, other in pod_specs(objs):
+        if name != runtime["metadata"]["name"]:
+            assert "nvidia.com/gpu" not in json.dumps(other), name
+
+
+def test_workloads_run_as_documented(rendered):
+    env, objs = rendered
+    deployments = {o["metadata"]["name"]: o for o in by_kind(objs, "Deployment")}
+    feedback = deployments["tuneloop-feedback"]["spec"]["template"]["spec"]["containers"][0]
+    assert feedback["command"] + feedback["args"] == [
+        "tuneloop", "feedback-service", "--database-url", "$(DATABASE_URL)", "--port", "8080"]
+    assert feedback["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    mlflow = deployments["tuneloop-mlflow"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--app-name basic-auth" in mlflow["args"][0]
+    env_names = {e["name"] for e in mlflow["env"]}
+    assert {"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_BACKEND_STORE_URI"} <= env_names
+    (cron,) = by_kind(objs, "CronJob")
+    monitor = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert monitor["command"] == ["tuneloop", "monitor", "/etc/tuneloop/config.yaml"]
+    (job,) = by_kind(objs, "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "tuneloop upload-pipeline --host" in script
+    assert ("tuneloop schedule /etc/tuneloop/config.yaml" in script) == (env != "dev")
+    for name, spec in pod_specs(objs):
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["automountServiceAccountToken"] is False, name
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"], name
+            assert sc["capabilities"]["drop"] == ["ALL"] and "resources" in c, name
+
+
+def test_network_policies_cover_every_pod(rendered):
+    env, objs = rendered
+    policies = by_kind(objs, "NetworkPolicy")
+    deny = [p for p in policies if "ingress" not in p["spec"]]
+    assert len(deny) == 1 and deny[0]["spec"]["policyTypes"] == ["Ingress"]
+    selector = deny[0]["spec"]["podSelector"]["matchLabels"]
+    for name, spec in pod_specs(objs):
+        owner = next(o for o in objs if o["metadata"]["name"] == name)
+        labels = (owner["spec"].get("template", {}).get("metadata", {}).get("labels")
+                  or owner["spec"].get("jobTemplate", {}).get("spec", {}).get("template", {}).get("metadata", {})
+                  .get("labels")
+                  or owner["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+                  ["metadata"]["labels"])
+        assert selector.items() <= labels.items(), name
+
+
+def test_grafana_dashboard_reads_the_gateway_metrics(rendered):
+    env, objs = rendered
+    (cm,) = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"].endswith("grafana-dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dash = json.loads(cm["data"]["tuneloop.json"])
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(tuneloop_[a-z_]+)", e)}
+    # the gateway's metric families, with the suffixes Prometheus exposes for them
+    source = (ROOT / "src" / "tuneloop" / "deploy" / "gateway.py").read_text()
+    exposed = set()
+    for kind, name in re.findall(r'(Counter|Histogram)\(\s*"(tuneloop_[a-z_]+)"', source):
+        exposed |= {f"{name}_total"} if kind == "Counter" else {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    assert used and used <= exposed, used - exposed
+    assert {"tuneloop_requests_total", "tuneloop_request_latency_seconds_bucket",
+            "tuneloop_completion_tokens_total", "tuneloop_feedback_score_sum"} <= used
+
+
+def test_chart_version_follows_the_package():
+    import tomllib
+
+    chart = yaml.safe_load((check_chart.CHART / "Chart.yaml").read_text())
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert chart["appVersion"] == version
+    from tuneloop.components.images import IMAGE, TRAIN_IMAGE
+
+    objs = render(env_values("prod"))
+    images = {c["image"] for _, s in pod_specs(objs) for c in s["containers"]}
+    assert images == {IMAGE, TRAIN_IMAGE}
+
+
+def test_schema_refuses_an_unknown_key():
+    import helm_python as helm
+
+    for bad in ({"mlflow": {"autth": {}}}, {"replicas": 3}, {"training": {"gpusPerNode": "eight"}}):
+        with pytest.raises(helm.HelmValuesError, match="additional properties|expected integer|got string"):
+            check_chart.render({**env_values("dev"), **bad})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"mlflow": {"auth": {"enabled": True, "existingSecret": ""}}}, "mlflow.auth.existingSecret is empty"),
+    ({"environment": "prod", "mlflow": {"backendStore": {"existingSecret": ""}}},
+     "mlflow.backendStore.existingSecret is empty"),
+    ({"environment": "prod", "mlflow": {"auth": {"enabled": False}}}, "mlflow.auth.enabled must be true"),
+    ({"environment": "staging", "feedback": {"database": {"existingSecret": ""}}},
+     "feedback.database.existingSecret is empty"),
+    ({"environment": "dev", "feedback": {"replicas": 2, "database": {"existingSecret": ""}}},
+     "feedback.replicas > 1 needs"),
+    ({"pipeline": {"schedule": {"enabled": True, "cron": "0 3 * * *"}}}, "wants 6 fields"),
+    ({"rbac": {"pipelineServiceAccounts": []}}, "rbac.pipelineServiceAccounts is empty"),
+    ({"stateVolume": {"existingClaim": ""}}, "stateVolume.existingClaim is empty"),
+])
+def test_fail_guards_refuse_impossible_combinations(change, message):
+    import helm_python as helm
+
+    values = env_values("prod")
+    for key, sub in change.items():
+        values[key] = {**values.get(key, {}), **sub} if isinstance(sub, dict) else sub
+        for k2, v2 in (sub.items() if isinstance(sub, dict) else []):
+            if isinstance(v2, dict):
+                values[key][k2] = {**env_values("prod").get(key, {}).get(k2, {}), **v2}
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        check_chart.render(values)
+
+
+def test_tracking_uri_defaults_to_the_chart_mlflow():
+    objs = render(env_values("staging"))
+    (cm,) = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"] == "tuneloop-config"]
+    cfg = yaml.safe_load(cm["data"]["config.yaml"])
+    assert cfg["registry"]["tracking_uri"] == "http://tuneloop-mlflow.tuneloop.svc.cluster.local:5000"

@@ -1,0 +1,86 @@
+"""The monitor's SPC chart and retraining decision on a real feedback store; the feedback
+service's KServe payload-logger endpoint."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import tiny_config
+from fastapi.testclient import TestClient
+
+from tuneloop.monitor.trigger import prometheus_text, spc
+
+pytestmark = pytest.mark.unit
+
+
+def test_spc_limits_and_verdicts():
+    baseline = [1, 0, 1, 1, 0, 1, 1, 1, 0, 1] * 5  # mean 0.7
+    assert spc(baseline, [1.0] * 4, 10)["verdict"] == "insufficient"
+    ok = spc(baseline, [1, 0, 1] * 10, 10)
+    assert ok["verdict"] == "in_control" and ok["lcl"] < ok["window_mean"] < ok["ucl"]
+    low = spc(baseline, [0, 0, 0, 1] * 10, 10)
+    assert low["verdict"] == "below" and low["window_mean"] == pytest.approx(0.25)
+
+
+def test_monitor_fires_on_a_falling_feedback_trend_and_writes_metrics(tmp_path, tiny_model_dir):
+    from tuneloop.config import load_config
+    from tuneloop.monitor.feedback import FeedbackStore
+    from tuneloop.monitor.trigger import check
+
+    cfg = load_config(tiny_config(tmp_path, tiny_model_dir, data__drift__enabled=False,
+                                  monitor__baseline_requests=20, monitor__min_new_feedback=1000,
+                                  monitor__retrain_on=["feedback_trend"]))
+    store = FeedbackStore(cfg.feedback_db)
+    now = time.time()
+    for i in range(60):  # 20 baseline requests scored mostly good, then 40 in the window mostly bad
+        rid = f"r{i}"
+        store.log_request(request_id=rid, user_id="u", model_version="base", variant="champion", slice="",
+                          prompt=f"q{i}", output="a", status="ok" if i % 30 else "error", latency_ms=10.0 + i,
+                          created=now - 3600 * 30 + i if i < 20 else now - 60 + i)
+        store.add_feedback(rid, score=(0.0 if i % 5 == 0 else 1.0) if i < 20 else (1.0 if i % 4 == 0 else 0.0))
+    report = check(cfg, tmp_path / "mon", now=now + 1)
+    assert report["feedback_trend"]["verdict"] == "below"
+    assert report["retrain"] is True and report["reasons"] == ["feedback_trend"]
+    assert report["window_requests"] == 40 and report["slo"]["error_rate"] == pytest.approx(1 / 40)
+    assert report["slo_breach"] is True  # 2.5% errors > the 1% SLO
+    assert report["drift"]["computed"] is False
+    prom = (tmp_path / "mon" / "monitor.prom").read_text()
+    assert 'tuneloop_monitor_retrain_due{champion="base"} 1.0' in prom
+    assert prom == prometheus_text(report)
+
+
+def test_feedback_service_pairs_kserve_events_and_takes_feedback(tmp_path):
+    from tuneloop.monitor.feedback import FeedbackStore
+    from tuneloop.monitor.service import create_feedback_service
+
+    store = FeedbackStore(tmp_path / "fb.db")
+    c = TestClient(create_feedback_service(store))
+    assert c.get("/healthz").json() == {"status": "ok"}
+    h = {"ce-id": "ev-1", "ce-inferenceservicename": "tuneloop-demo"}
+    r = c.post("/v1/kserve-events", json={"messages": [{"role": "user", "content": "where is my parcel"}]},
+               headers={**h, "ce-type": "org.kubeflow.serving.inference.request"})
+    assert r.json() == {"status": "pending"}
+    r = c.post("/v1/kserve-events", json={"choices": [{"message": {"content": "shipping"}}]},
+               headers={**h, "ce-type": "org.kubeflow.serving.inference.response"})
+    assert r.json() == {"status": "recorded"}
+    assert c.post("/v1/feedback", json={"request_id": "ev-1", "thumbs": "up"}).status_code == 200
+    rows = store.rows()
+    assert rows[0]["prompt"] == "where is my parcel" and rows[0]["output"] == "shipping" and rows[0]["score"] == 1.0
+    assert c.post("/v1/kserve-events", json={}, headers={"ce-type": "x.request"}).status_code == 400
+    assert c.post("/v1/kserve-events", json={}, headers={"ce-id": "nope", "ce-type": "x.response"}).status_code == 404
+    assert c.post("/v1/feedback", json={"request_id": "missing", "score": 0.5}).status_code == 404
+
+
+def test_store_scrubs_pii_before_storing(tmp_path):
+    from tuneloop.config import PiiConfig
+    from tuneloop.data.pii import PiiScrubber
+    from tuneloop.monitor.feedback import FeedbackStore
+
+    store = FeedbackStore(tmp_path / "fb.db", scrubber=PiiScrubber(PiiConfig()))
+    store.log_request(request_id="x", user_id="u", model_version="1", variant="champion", slice="",
+                      prompt="mail me at jane.doe@example.com", output="ok", status="ok", latency_ms=1.0)
+    store.add_feedback("x", correction="call +44 20 7946 0958")
+    row = store.rows()[0]
+    assert "jane.doe@example.com" not in row["prompt"] and "<EMAIL_ADDRESS>" in row["prompt"]
+    assert "7946" not in row["correction"]

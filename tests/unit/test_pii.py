@@ -1,0 +1,220 @@
+"""PII scrubbing: Presidio's pattern recognizers offline, and the pre-filter that lets most records
+skip Presidio. The pre-filter must never skip a text Presidio would flag: checked over a varied
+corpus (phone numbers of every region in every format, Luhn-valid cards, IBANs with real check
+digits, IPv4/IPv6 forms, URLs, emails, Unicode digits, near misses and random noise)."""
+
+from __future__ import annotations
+
+import random
+import re
+import socket
+from typing import Any
+
+import pytest
+
+from tuneloop.config import PiiConfig
+from tuneloop.data import pii
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def scrubber() -> pii.PiiScrubber:
+    return pii.PiiScrubber(PiiConfig())
+
+
+def _luhn_complete(prefix: str, length: int, rng: random.Random) -> str:
+    digits = prefix + "".join(rng.choice("0123456789") for _ in range(length - len(prefix) - 1))
+    total = 0
+    for i, d in enumerate(reversed(digits + "0")):
+        n = int(d)
+        if i % 2 == 1:
+            n = n * 2 - 9 if n * 2 > 9 else n * 2
+        total += n
+    return digits + str((10 - total % 10) % 10)
+
+
+def _iban(country: str, bban: str) -> str:
+    def num(s: str) -> str:
+        return "".join(str(int(c, 36)) for c in s)
+    check = 98 - int(num(bban + country + "00")) % 97
+    return f"{country}{check:02d}{bban}"
+
+
+def _group(s: str, sep: str, n: int = 4) -> str:
+    return sep.join(s[i:i + n] for i in range(0, len(s), n))
+
+
+FULLWIDTH = str.maketrans("0123456789", "０１２３４５６７８９")
+ARABIC_INDIC = str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")
+
+
+def corpus() -> list[str]:
+    import phonenumbers
+
+    rng = random.Random(7)
+    texts: list[str] = []
+    wrap = ["{}", "Contact: {}.", "my details are {} thanks", "({})", "ref:{}", "{}!", "x{}y", "«{}»"]
+
+    def add(s: str) -> None:
+        texts.append(rng.choice(wrap).format(s))
+
+    fmts = [phonenumbers.PhoneNumberFormat.INTERNATIONAL, phonenumbers.PhoneNumberFormat.NATIONAL,
+            phonenumbers.PhoneNumberFormat.E164, phonenumbers.PhoneNumberFormat.RFC3966]
+    for region in sorted(phonenumbers.SUPPORTED_REGIONS):
+        for getter in (phonenumbers.example_number, phonenumbers.example_number_for_type):
+            num = getter(region) if getter is phonenumbers.example_number else \
+                getter(region, phonenumbers.PhoneNumberType.MOBILE)
+            if num is None:
+                continue
+            s = phonenumbers.format_number(num, rng.choice(fmts))
+            add(s)
+    for s in ["+1 212-555-0123", "(030) 1234567", "030 123456", "+49 30 12345678", "+44 20 7946 0958",
+              "0044 20 7946 0958", "011 44 20 7946 0958", "+91 98765 43210", "98765 43210", "+33 1 23 45 67 89",
+              "+972-3-1234567", "+55 11 91234-5678", "+1 (416) 555-0199", "+49 89 1234"]:
+        add(s)
+        add(s.translate(FULLWIDTH))
+        add(s.translate(ARABIC_INDIC))
+    for prefix, length in [("4", 16), ("4", 13), ("51", 16), ("55", 16), ("34", 15), ("37", 15), ("6011", 16),
+                           ("3530", 16), ("36", 14)] * 4:
+        cc = _luhn_complete(prefix, length, rng)
+        add(rng.choice([cc, _group(cc, " "), _group(cc, "-"), cc.translate(FULLWIDTH)]))
+    ibans = ["DE89370400440532013000", "GB82WEST12345698765432", "FR1420041010050500013M02606",
+             "NL91ABNA0417164300", "CH9300762011623852957", "MT84MALT011000012345MTLCAST001S"]
+    for _ in range(40):
+        ibans.append(_iban("DE", "".join(rng.choice("0123456789") for _ in range(18))))
+        ibans.append(_iban("GB", "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(4))
+                           + "".join(rng.choice("0123456789") for _ in range(14))))
+        ibans.append(_iban("NO", "".join(rng.choice("0123456789") for _ in range(11))))
+    for ib in ibans:
+        add(rng.choice([ib, _group(ib, " "), _group(ib, "-"), ib.lower(), _group(ib.lower(), " ")]))
+    for _ in range(60):
+        v4 = ".".join(str(rng.randint(0, 255)) for _ in range(4))
+        groups = [f"{rng.randint(0, 65535):x}" for _ in range(8)]
+        add(rng.choice([v4, v4 + "/24", ":".join(groups), ":".join(groups[:3]) + "::" + groups[7],
+                        "::" + groups[0], groups[0] + "::", "::ffff:" + v4, "fe80::1%eth0",
+                        ":".join(groups).upper(), "2001:db8::" + v4]))
+    tlds = ["com", "org", "net", "io", "ai", "de", "co.uk", "app", "dev", "info", "shop", "py", "ly"]
+    for _ in range(80):
+        host = rng.choice(["example", "my-site", "a", "shop.example", "xn--bcher-kva", "Example", "ex4mple"])
+        tld = rng.choice(tlds)
+        add(rng.choice([f"https://{host}.{tld}/path?q=1", f"http://www.{host}.{tld}", f"www.{host}.{tld}",
+                        f"{host}.{tld}", f"'{host}.{tld}'", f"\"https://{host}.{tld}\"", f"{host}.{tld.upper()}"]))
+        local = rng.choice(["john.doe", "j", "jöhn", "a+b", "first_last", "x-y.z", "ANNA"])
+        add(f"{local}@{host}.{tld}")
+    add("exampleK.com")  # the Kelvin sign folds to k under Presidio's IGNORECASE
+    add("ſite.org")
+    # near misses: digits, dots, colons, letters+digits that are not PII
+    near = ["It costs 24.99 each, 34.99 with tax.", "Order #48213 arrived on 2026-03-14.", "Version 1.2.3 is out.",
+            "Meet at 10:30, room 4.12.", "Pi is 3.14159.", "Ratio 16:9 screens", "std::vector<int> v;",
+            "a::b::c", "Call me maybe.", "e.g. this, i.e. that", "U.S.A. and U.K.", "covid19 vaccine",
+            "model H264 and MP3", "AB12 is a plate", "IBAN?", "card 1234 5678", "123456789012345",
+            "4111 1111 1111 1112", "+1 000", "tel: 12", "node.js and config.yaml", "file.py", "1.2.3.4.5.6",
+            "999.999.999.999", "12:34:56:78", "ISO 8601: 2026-03-14T10:30:00Z", "ＡＢ１２", "٣٤٥ apples",
+            "no pii here at all", "", "   ", "😀 emoji only 😀", "中文文本没有个人信息", "نص عربي بدون معلومات"]
+    texts += near
+    alphabet = "0123456789" * 3 + "abcXYZ" + " .-:/@()+" + "０１٣" + "ſK"
+    for _ in range(300):
+        texts.append("".join(rng.choice(alphabet) for _ in range(rng.randint(5, 40))))
+    return texts
+
+
+def test_prefilter_never_skips_a_text_presidio_flags(scrubber: pii.PiiScrubber) -> None:
+    texts = corpus()
+    flagged: dict[str, int] = {}
+    skipped = 0
+    for t in texts:
+        found = scrubber.analyze(t)  # Presidio itself, every recognizer, no pre-filter
+        candidates = scrubber.candidates(t)
+        gate = bool(candidates)
+        for r in found:  # per entity type: the pre-filter keeps every recognizer that finds something
+            assert r.entity_type in candidates, f"the pre-filter would skip {r.entity_type} in {t!r}: {found}"
+            flagged[r.entity_type] = flagged.get(r.entity_type, 0) + 1
+        skipped += not gate
+    # the corpus exercises every recognizer, and the pre-filter still clears texts
+    for ent in ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "URL"):
+        assert flagged.get(ent, 0) >= 10, (ent, flagged)
+    assert len(texts) > 900 and skipped > 20
+
+
+def test_prefilter_clears_ordinary_prose(scrubber: pii.PiiScrubber) -> None:
+    from tuneloop.tiny import demo_texts
+
+    texts = demo_texts()
+    cleared = sum(not scrubber.needs_analysis(t) for t in texts)
+    assert cleared / len(texts) > 0.8, cleared / len(texts)
+
+
+def test_gate_was_derived_from_these_patterns() -> None:
+    """If this fails, Presidio changed a recognizer: re-derive the pre-filter (pii.py docstring), then
+    update RECOGNIZER_FINGERPRINT."""
+    assert pii.patterns_fingerprint() == pii.RECOGNIZER_FINGERPRINT
+    url = pii.recognizer_patterns()["URL"][0]
+    tlds = re.findall(r"\(\?:([^()|]+)\)", url.split("[.](?:", 1)[1])
+    assert len(tlds) > 100 and all(t[0].isalpha() for t in tlds), "the URL gate assumes TLDs start with a letter"
+
+
+def test_min_phone_digits_follows_the_regions() -> None:
+    assert pii.min_phone_digits(["US"]) == 5  # +CC numbers of any region: 1 + the shortest (4)
+    assert pii.min_phone_digits(["DE", "US"]) == 4
+    assert pii.min_phone_digits(PiiConfig().phone_regions) == 4
+
+
+def test_scrub_replaces_every_entity_and_counts(scrubber: pii.PiiScrubber) -> None:
+    s = pii.PiiScrubber(PiiConfig())
+    text = ("Mail john.doe@example.com or call +1 212-555-0123; card 4111 1111 1111 1111; "
+            "IBAN DE89 3704 0044 0532 0130 00; from 192.168.1.10 and 2001:db8::1; see https://example.org/x")
+    out = s.scrub(text)
+    assert out == ("Mail <EMAIL_ADDRESS> or call <PHONE_NUMBER>; card <CREDIT_CARD>; IBAN <IBAN_CODE>; "
+                   "from <IP_ADDRESS> and <IP_ADDRESS>; see <URL>")
+    assert s.entities == {"EMAIL_ADDRESS": 1, "PHONE_NUMBER": 1, "CREDIT_CARD": 1, "IBAN_CODE": 1,
+                          "IP_ADDRESS": 2, "URL": 1}
+    assert s.scrub("Where is my parcel?") == "Where is my parcel?"
+    assert s.scrub("card 4111 1111 1111 1112") == "card 4111 1111 1111 1112"  # fails the Luhn check
+    rep = s.report()
+    assert rep["texts_seen"] == 3 and rep["texts_analyzed"] == 2 and rep["texts_skipped_by_prefilter"] == 1
+    nested = s.scrub_value({"a": ["write to a@b.org"], "n": 3, "b": None})
+    assert nested == {"a": ["write to <EMAIL_ADDRESS>"], "n": 3, "b": None}
+
+
+def test_runs_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tldextract is pinned to its bundled snapshot; no connection is attempted."""
+    def refuse(*a: Any, **k: Any) -> None:
+        raise AssertionError(f"network access attempted: {a}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    s = pii.PiiScrubber(PiiConfig())
+    assert s.scrub("write to jane@example.co.uk") == "write to <EMAIL_ADDRESS>"
+    import tldextract.tldextract as tt
+
+    assert tt.TLD_EXTRACTOR.suffix_list_urls == ()
+
+
+def test_disabled_scrubber_changes_nothing() -> None:
+    s = pii.PiiScrubber(PiiConfig(enabled=False))
+    assert s.scrub("a@b.com") == "a@b.com" and s.find("a@b.com") == [] and s.report()["texts_seen"] == 0
+
+
+def test_person_needs_an_nlp_model_and_disables_the_gate() -> None:
+    with pytest.raises(ValueError, match="PERSON needs a trained spaCy model"):
+        PiiConfig(entities=["EMAIL_ADDRESS", "PERSON"])
+    cfg = PiiConfig(entities=["EMAIL_ADDRESS", "PERSON"], nlp_model="en_core_web_lg")
+    assert pii.build_gate(cfg) is None  # names have no cheap necessary condition: everything is analysed
+    assert pii.PiiScrubber(cfg).needs_analysis("no digits, no at sign")
+
+
+def test_unknown_nlp_model_is_a_clear_error() -> None:
+    s = pii.PiiScrubber(PiiConfig(entities=["EMAIL_ADDRESS", "PERSON"], nlp_model="/no/such/spacy/model"))
+    with pytest.raises(RuntimeError, match="data.pii.nlp_model"):
+        s.scrub("hello")
+
+
+def test_presidio_on_the_gated_entity_types_finds_the_same(scrubber: pii.PiiScrubber) -> None:
+    """Running only the recognizers whose condition a text meets gives Presidio's full result."""
+    def key(rs: list[Any]) -> list[tuple[str, int, int]]:
+        return sorted((r.entity_type, r.start, r.end) for r in rs)
+
+    for t in corpus()[::3]:
+        full = scrubber.analyze(t)
+        ents = scrubber.candidates(t)
+        assert key(full) == key(scrubber.analyze(t, ents) if ents else []), t
