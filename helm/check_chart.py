@@ -5,7 +5,7 @@ For every helm/tuneloop/values-*.yaml (an environment):
   2. render the chart (values.schema.json and the chart's `fail` guards run here)
   3. validate every rendered manifest against Kubernetes' own JSON schemas in strict mode
      (kubernetes-validate, KUBE_VERSION); custom resources against their CRD's openAPIV3Schema
-     from ../shared/crds, strict as well (unknown fields are errors)
+     from tests/crds (vendored upstream CRDs), strict as well (unknown fields are errors)
   4. validate the run config in the rendered ConfigMap with tuneloop's own config model
 The compiled pipeline the upload Job ships (pipelines/continuous_training.yaml) is parsed
 strictly into KFP's PipelineSpec (and kfp-kubernetes' PlatformSpec when present). Then, over all environments at once:
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "tuneloop"
 KUBE_VERSION = "1.32.0"  # the Kubernetes version manifests are validated against (Chart.yaml: kubeVersion)
 RELEASE = "tuneloop"
-CRD_DIR = ROOT.parent / "shared" / "crds"
+CRD_DIR = ROOT / "tests" / "crds"  # vendored copies of the upstream CRDs (see its README)
 # kinds the chart renders that Kubernetes' own schemas do not know -> (CRD file, kind in that CRD).
 # A namespaced TrainingRuntime has the same spec as the ClusterTrainingRuntime CRD shipped there.
 CUSTOM_KINDS = {

@@ -5,50 +5,98 @@ register -> deploy_canary -> analyze_canary -> promote | rollback
 
 The same pipeline runs on Kubeflow Pipelines (compiled YAML next to this file) and on one
 machine with kfp.local (`tuneloop run`). The run config travels as one `config` parameter
-and is validated again by every task.
+and is validated again by every task. Cluster settings (resources, GPUs, tolerations, node
+selectors, the state volume, secrets as env, retries, timeouts) come from the config's
+`platform` section at compile time: `build_pipeline(platform)`; kfp.local ignores them.
 """
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from tuneloop import components as c
+from tuneloop.config import PlatformConfig, TaskResources
 
 PIPELINE_NAME = "tuneloop-continuous-training"
+STATE_MOUNT = "/var/lib/tuneloop"  # where platform.state_pvc is mounted; a cluster config's state_dir
 
 
-@dsl.pipeline(name=PIPELINE_NAME,
-              description="Ingest, validate, SFT + DPO (DeepSpeed ZeRO-3), gated evaluation against the champion, "
-                          "MLflow registry, canary rollout with automatic promotion or rollback.")
-def continuous_training(config: dict, run_name: str = "tuneloop"):
-    pre = c.check_prerequisites(config=config, run_name=run_name, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-    pre.set_caching_options(False)
-    parent = pre.outputs["parent_run_id"]
+def _place(task: dsl.PipelineTask, res: TaskResources, platform: PlatformConfig, timeout_s: int,
+           retries: bool, accelerators: int = 0) -> None:
+    task.set_cpu_limit(res.cpu).set_memory_limit(res.memory)
+    if res.accelerator_type and accelerators:
+        task.set_accelerator_type(res.accelerator_type).set_accelerator_limit(accelerators)
+    for key, value in res.node_selector.items():
+        kubernetes.add_node_selector(task, key, value)
+    for t in res.tolerations:
+        kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
+    if platform.state_pvc:
+        kubernetes.mount_pvc(task, pvc_name=platform.state_pvc, mount_path=STATE_MOUNT)
+    for s in platform.secrets:
+        kubernetes.use_secret_as_env(task, s.secret, {s.key: s.name})
+    kubernetes.set_timeout(task, timeout_s)
+    if retries and platform.retries:
+        task.set_retry(num_retries=platform.retries, backoff_duration=f"{platform.retry_backoff_s}s",
+                       backoff_factor=2.0)
 
-    data = c.ingest(config=config, parent_run_id=parent)
-    data.set_caching_options(False)  # reads the feedback store, which changes between runs
-    check = c.validate_data(config=config, parent_run_id=parent, dataset=data.outputs["dataset"])
 
-    with dsl.If(check.outputs["passed"] == True, name="data-gate"):  # noqa: E712 - KFP condition syntax
-        sft = c.sft(config=config, parent_run_id=parent, dataset=data.outputs["dataset"])
-        dpo = c.dpo(config=config, parent_run_id=parent, dataset=data.outputs["dataset"],
-                    sft_adapter=sft.outputs["adapter"])
-        ev = c.evaluate(config=config, parent_run_id=parent, dataset=data.outputs["dataset"],
-                        adapter=dpo.outputs["adapter"])
-        ev.set_caching_options(False)  # compares against whatever is champion now
+def build_pipeline(platform: PlatformConfig, train_timeout_minutes: int = 120,  # noqa: ANN201 - a KFP pipeline
+                   nproc_per_node: int = 2):
+    t_task = platform.task_timeout_minutes * 60
+    gpus = platform.gpu_tasks.accelerators if platform.gpu_tasks.accelerators is not None else nproc_per_node
+    t_train = train_timeout_minutes * 60 + 600  # the launcher's own timeout fires first
 
-        with dsl.If(ev.outputs["passed"] == True, name="evaluation-gate"):  # noqa: E712
-            reg = c.register(config=config, parent_run_id=parent, adapter=dpo.outputs["adapter"],
-                             evaluation=ev.outputs["evaluation"], dataset=data.outputs["dataset"])
-            dep = c.deploy_canary(config=config, parent_run_id=parent, version=reg.outputs["Output"])
-            ana = c.analyze_canary(config=config, parent_run_id=parent, version=reg.outputs["Output"],
-                                   deployed_at=dep.output)
-            with dsl.If(ana.outputs["decision"] == "promote", name="canary-healthy"):
-                c.promote(config=config, parent_run_id=parent, version=reg.outputs["Output"])
-            with dsl.Else(name="canary-unhealthy"):
-                c.rollback(config=config, parent_run_id=parent, version=reg.outputs["Output"])
-            for t in (reg, dep, ana):
-                t.set_caching_options(False)
-        with dsl.Else(name="evaluation-rejected"):
-            c.stop(config=config, parent_run_id=parent, reason="rejected by the evaluation gate")
+    def cpu(task: dsl.PipelineTask, network: bool = True) -> dsl.PipelineTask:
+        _place(task, platform.cpu_tasks, platform, t_task, network, platform.cpu_tasks.accelerators or 0)
+        return task
 
-    with dsl.Else(name="data-rejected"):
-        c.stop(config=config, parent_run_id=parent, reason="stopped: data validation failed")
+    def gpu(task: dsl.PipelineTask, timeout_s: int) -> dsl.PipelineTask:
+        _place(task, platform.gpu_tasks, platform, timeout_s, False, gpus)  # a retry would redo hours of work
+        return task
+
+    @dsl.pipeline(name=PIPELINE_NAME,
+                  description="Ingest, validate, SFT + DPO (DeepSpeed ZeRO-3), gated evaluation against the "
+                              "champion, MLflow registry, canary rollout with automatic promotion or rollback.")
+    def continuous_training(config: dict, run_name: str = "tuneloop"):
+        pre = cpu(c.check_prerequisites(config=config, run_name=run_name,
+                                        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+        pre.set_caching_options(False)
+        parent = pre.outputs["parent_run_id"]
+
+        data = cpu(c.ingest(config=config, parent_run_id=parent))
+        data.set_caching_options(False)  # reads the feedback store, which changes between runs
+        check = cpu(c.validate_data(config=config, parent_run_id=parent, dataset=data.outputs["dataset"]),
+                    network=False)
+
+        with dsl.If(check.outputs["passed"] == True, name="data-gate"):  # noqa: E712 - KFP condition syntax
+            sft = gpu(c.sft(config=config, parent_run_id=parent, dataset=data.outputs["dataset"]), t_train)
+            dpo = gpu(c.dpo(config=config, parent_run_id=parent, dataset=data.outputs["dataset"],
+                            sft_adapter=sft.outputs["adapter"]), t_train)
+            ev = gpu(c.evaluate(config=config, parent_run_id=parent, dataset=data.outputs["dataset"],
+                                adapter=dpo.outputs["adapter"]), t_task)
+            ev.set_caching_options(False)  # compares against whatever is champion now
+
+            with dsl.If(ev.outputs["passed"] == True, name="evaluation-gate"):  # noqa: E712
+                reg = cpu(c.register(config=config, parent_run_id=parent, adapter=dpo.outputs["adapter"],
+                                     evaluation=ev.outputs["evaluation"], dataset=data.outputs["dataset"]))
+                version = reg.outputs["Output"]
+                dep = cpu(c.deploy_canary(config=config, parent_run_id=parent, version=version))
+                ana = cpu(c.analyze_canary(config=config, parent_run_id=parent, version=version,
+                                           deployed_at=dep.output))
+                with dsl.If(ana.outputs["decision"] == "promote", name="canary-healthy"):
+                    cpu(c.promote(config=config, parent_run_id=parent, version=version)).set_caching_options(False)
+                with dsl.Else(name="canary-unhealthy"):
+                    cpu(c.rollback(config=config, parent_run_id=parent, version=version)).set_caching_options(False)
+                for t in (reg, dep, ana):
+                    t.set_caching_options(False)
+            with dsl.Else(name="evaluation-rejected"):
+                cpu(c.stop(config=config, parent_run_id=parent, reason="rejected by the evaluation gate"),
+                    ).set_caching_options(False)
+
+        with dsl.Else(name="data-rejected"):
+            cpu(c.stop(config=config, parent_run_id=parent, reason="stopped: data validation failed"),
+                ).set_caching_options(False)
+
+    return continuous_training
+
+
+# The committed YAML (pipelines/continuous_training.yaml) is this, compiled with the default platform.
+continuous_training = build_pipeline(PlatformConfig())

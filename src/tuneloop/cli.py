@@ -65,10 +65,18 @@ def compile_(
                                                   "pipelines/continuous_training.yaml.")] = None,
     check: Annotated[bool, typer.Option("--check", help="Do not write; exit 1 if the committed YAML differs "
                                                         "from what the code compiles.")] = False,
+    config: Annotated[Path | None, typer.Option(help="Compile with this run config's `platform` settings "
+                                                     "(resources, GPUs, volumes, secrets); needs --out. Default: "
+                                                     "the default platform, as committed.")] = None,
 ) -> None:
     """Compile the pipeline to KFP YAML (or check that the committed YAML is current)."""
     from tuneloop.orchestrate import compile_pipeline, compiled_is_current, compiled_path
 
+    if config is not None:
+        if out is None or check:
+            _fail("--config compiles a config's own pipeline: give --out (the committed YAML uses the defaults)", 2)
+        console.print(f"wrote {compile_pipeline(out, _load(config))}")
+        return
     target = out or compiled_path()
     if check:
         same, diff = compiled_is_current(target)

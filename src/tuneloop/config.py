@@ -494,11 +494,37 @@ class CanaryConfig(_Strict):
                           "Welch test at `alpha` when both sides have enough feedback).")
     alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the canary tests.")
     max_new_tokens: int = Field(8, gt=0, description="Generation budget of each replayed request.")
+    window_minutes: float = Field(
+        30.0, gt=0, description="kserve backend: how long live traffic is collected before the analysis.")
+
+
+class KServeConfig(_Strict):
+    base_model_uri: str = Field(description="Base weights for the serving runtime (s3://, gs://, pvc://, https://).")
+    artifact_store_uri: str | None = Field(
+        None, description="Bucket prefix behind the MLflow server's mlflow-artifacts:/ URIs (e.g. s3://mlflow), so "
+                          "KServe's storage initializer can fetch adapters.")
+    service_name: str | None = Field(None, description="InferenceService name; default: the registered model name.")
+    runtime: str = Field("kserve-huggingfaceserver", description="ServingRuntime (vLLM backend).")
+    service_account: str = Field("tuneloop-serving", description="Service account with access to the storage.")
+    feedback_url: str | None = Field(
+        None, description="Feedback service base URL; each revision's payload logger posts there.")
+    gpus: int = Field(1, ge=0, description="GPUs per predictor pod.")
+    cpu: str = Field("4", description="CPU per predictor pod.")
+    memory: str = Field("32Gi", description="Memory per predictor pod.")
+    min_replicas: int = Field(1, ge=0, description="Minimum predictor replicas.")
+    max_replicas: int = Field(2, ge=1, description="Maximum predictor replicas.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels for predictor pods.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints predictor pods tolerate.")
 
 
 class DeployConfig(_Strict):
-    backend: Literal["local"] = Field(
-        "local", description="local: the `tuneloop serve` gateway (the KServe backend is not built yet).")
+    backend: Literal["local", "kserve"] = Field(
+        "local", description="local: the `tuneloop serve` gateway; kserve: a KServe InferenceService (vLLM) "
+                             "updated with canaryTrafficPercent.")
+    kserve: KServeConfig | None = Field(None, description="The KServe backend's settings.")
+    feedback_store_env: str | None = Field(
+        None, description="Environment variable (set from a Secret) holding the SQLAlchemy URL of the feedback "
+                          "store, e.g. Postgres on a cluster; null: sqlite in state_dir.")
     gateway_url: str = Field("http://127.0.0.1:8710", description="Where the local gateway listens.")
     namespace: str = Field("tuneloop", description="Kubernetes namespace of the InferenceService (kserve backend).")
     canary: CanaryConfig = Field(default_factory=CanaryConfig, description="Canary rollout and automatic analysis.")
@@ -534,6 +560,48 @@ class MonitorConfig(_Strict):
         return self
 
 
+class TaskResources(_Strict):
+    cpu: str = Field("1", description="CPU limit of the task's pod (Kubernetes quantity).")
+    memory: str = Field("4Gi", description="Memory limit of the task's pod (Kubernetes quantity).")
+    accelerator_type: str | None = Field(None, description="Accelerator resource, e.g. nvidia.com/gpu.")
+    accelerators: int | None = Field(
+        None, ge=0, description="Accelerators per task pod (with accelerator_type); null: none for CPU tasks, "
+                                "train.nproc_per_node for the GPU tasks.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pod must match.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints the pod tolerates.")
+
+    @model_validator(mode="after")
+    def _acc(self) -> TaskResources:
+        if self.accelerators and not self.accelerator_type:
+            raise ValueError("accelerator_type: set it (e.g. nvidia.com/gpu) when accelerators > 0")
+        return self
+
+
+def _gpu_tasks() -> TaskResources:
+    return TaskResources(cpu="8", memory="64Gi", accelerator_type="nvidia.com/gpu",
+                         node_selector={"nvidia.com/gpu.present": "true"},
+                         tolerations=[Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")])
+
+
+class PlatformConfig(_Strict):
+    """Kubernetes settings compiled into the pipeline (kfp-kubernetes); kfp.local ignores them."""
+
+    state_pvc: str | None = Field(
+        "tuneloop-state", description="PersistentVolumeClaim mounted at `state_dir` in every task: durable storage "
+                                      "for checkpoints, the model cache and the local stores. null mounts nothing.")
+    cpu_tasks: TaskResources = Field(default_factory=TaskResources,
+                                     description="Pods of the CPU stages (ingest, validate, register, deploy, ...).")
+    gpu_tasks: TaskResources = Field(default_factory=_gpu_tasks,
+                                     description="Pods of sft, dpo and evaluate.")
+    secrets: list[SecretEnv] = Field(
+        default_factory=list, description="Secrets exposed as environment variables in every task (MLflow, S3 "
+                                          "credentials); values never enter the config or the compiled YAML.")
+    retries: int = Field(2, ge=0, description="Retries of tasks that talk to the network (prerequisites, ingest, "
+                                              "register, deploy, analyse, promote, rollback).")
+    retry_backoff_s: int = Field(30, gt=0, description="First retry delay; it doubles on each retry.")
+    task_timeout_minutes: int = Field(60, gt=0, description="Timeout of every non-training task.")
+
+
 class RunConfig(_Strict):
     name: str = Field(description="Name of this continuous-training loop (run names and tags start with it).")
     state_dir: str = Field(
@@ -545,6 +613,8 @@ class RunConfig(_Strict):
     evaluate: EvaluateConfig = Field(description="Evaluation against the champion and the promotion gate.")
     registry: RegistryConfig = Field(description="MLflow tracking and model registry.")
     deploy: DeployConfig = Field(default_factory=DeployConfig, description="Canary deploy, analysis, promotion.")
+    platform: PlatformConfig = Field(default_factory=PlatformConfig,
+                                     description="Cluster settings compiled into the pipeline (ignored by kfp.local).")
     monitor: MonitorConfig = Field(default_factory=MonitorConfig,
                                    description="Production monitoring and the retraining trigger (`tuneloop monitor`).")
 
@@ -557,6 +627,14 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross(self) -> RunConfig:
+        gpus = self.platform.gpu_tasks.accelerators
+        if gpus is not None and gpus and self.platform.gpu_tasks.accelerator_type \
+                and gpus != self.train.nproc_per_node:
+            raise ValueError(f"platform.gpu_tasks.accelerators: {gpus} GPUs per training pod but "
+                             f"train.nproc_per_node is {self.train.nproc_per_node}; torchrun starts one process "
+                             "per GPU, so they must match")
+        if self.deploy.backend == "kserve" and self.deploy.kserve is None:
+            raise ValueError("deploy.kserve: the kserve backend needs its section (base_model_uri at least)")
         if self.deploy.backend == "local" and self.deploy.canary.traffic_file is None:
             raise ValueError("deploy.canary.traffic_file: the local backend replays traffic from a file; set it")
         if self.train.method == "full":
@@ -588,7 +666,12 @@ class RunConfig(_Strict):
         return (self.state_path / "mlartifacts").resolve().as_uri()
 
     @property
-    def feedback_db(self) -> Path:
+    def feedback_db(self) -> Path | str:
+        env = self.deploy.feedback_store_env
+        if env:
+            if not os.environ.get(env):
+                raise ConfigError(f"deploy.feedback_store_env: environment variable {env} is not set")
+            return os.environ[env]
         return self.state_path / "feedback.db"
 
 

@@ -27,13 +27,19 @@ def compiled_path() -> Path:
     return Path(p.__file__).parent / "continuous_training.yaml"
 
 
-def compile_pipeline(out: Path) -> Path:
+def pipeline_for(cfg: RunConfig | None):  # noqa: ANN201 - a KFP pipeline
+    """The pipeline with a config's platform settings (the default platform without a config)."""
+    from tuneloop.pipelines.continuous_training import build_pipeline, continuous_training
+
+    return continuous_training if cfg is None else build_pipeline(cfg.platform, cfg.train.timeout_minutes,
+                                                                  cfg.train.nproc_per_node)
+
+
+def compile_pipeline(out: Path, cfg: RunConfig | None = None) -> Path:
     from kfp import compiler
 
-    from tuneloop.pipelines.continuous_training import continuous_training
-
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(continuous_training, str(out))
+    compiler.Compiler().compile(pipeline_for(cfg), str(out))
     return out
 
 
@@ -121,12 +127,11 @@ def submit(cfg: RunConfig, host: str, experiment: str, run_name: str | None,
     """Create a run on a Kubeflow Pipelines endpoint; returns the run id."""
     import kfp
 
-    from tuneloop.pipelines.continuous_training import continuous_training
-
+    name = run_name or new_run_name(cfg)
     client = kfp.Client(host=host, namespace=namespace)
     run = client.create_run_from_pipeline_func(
-        continuous_training, arguments={"config": cfg.to_pipeline_param(), "run_name": run_name or new_run_name(cfg)},
-        run_name=run_name or new_run_name(cfg), experiment_name=experiment, enable_caching=False)
+        pipeline_for(cfg), arguments={"config": cfg.to_pipeline_param(), "run_name": name},
+        run_name=name, experiment_name=experiment, enable_caching=False)
     return run.run_id
 
 
@@ -147,7 +152,7 @@ def schedule(cfg: RunConfig, host: str, experiment: str, cron: str, job_name: st
             client.delete_recurring_run(old.recurring_run_id)
             log.info("deleted recurring run %s (%s)", old.recurring_run_id, job_name)
     with tempfile.TemporaryDirectory() as d:
-        package = compile_pipeline(Path(d) / "pipeline.yaml")
+        package = compile_pipeline(Path(d) / "pipeline.yaml", cfg)
         rr = client.create_recurring_run(
             experiment_id=exp.experiment_id, job_name=job_name, cron_expression=cron,
             max_concurrency=max_concurrency, pipeline_package_path=str(package),

@@ -317,6 +317,25 @@ def test_replay_mixes_the_configured_share(tmp_path: Path) -> None:
         assert next(x for x in replayed if x["id"] == "old-0")["turns"][0]["role"] == "system"
     leaks = [q for q in _read(tmp_path / "o" / "quarantine.jsonl") if q["source"] == "replay:v3"]
     assert all("eval leak" in q["reason"] for q in leaks)  # replayed data is checked against today's eval set
+    assert sum(r["per_reason"].values()) == r["read"] - r["accepted"]
+
+
+def test_replayed_duplicates_do_not_count_against_the_new_data(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Replaying the champion's data over the same new files: every replayed record is already there;
+    that is no sign of bad input, so the quarantine and duplicate shares leave them out."""
+    from tuneloop.config import load_config
+    from tuneloop.data.validate import _ingest_checks
+    from tuneloop.tiny import tiny_run_config
+
+    cfg = load_config(tiny_run_config(tmp_path, tiny_model_dir, data__replay_share=0.5))
+    first = ingest(cfg.data, None, tmp_path / "one")
+    champ = ChampionData("1", "run", tmp_path / "one" / "sft.jsonl")
+    rep = ingest(cfg.data, None, tmp_path / "two", champion=champ)
+    assert rep["replay"]["read"] == first["by_kind"]["sft"]["accepted"] and rep["replay"]["accepted"] == 0
+    assert rep["replay"]["per_reason"] == {"exact duplicate": rep["replay"]["read"]}
+    checks = {c["expectation"]: c for c in _ingest_checks(cfg, rep, {})}
+    assert checks["quarantined_share_at_most"]["passed"] and checks["duplicate_share_at_most"]["passed"]
+    assert checks["duplicate_share_at_most"]["observed"].startswith("0.000 (0 exact, 0 near")
 
 
 def test_replay_without_champion_or_share(tmp_path: Path) -> None:

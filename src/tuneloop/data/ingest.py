@@ -368,11 +368,14 @@ def _replay(ing: Ingestor, cfg: DataConfig, champion: Any, writer: _Writer) -> d
     rep.update(champion_version=champion.version, pool=pool, requested=min(want, pool))
     source = f"replay:v{champion.version}"
     src = DataSource(path=source)
-    before = (ing.counts["sft"].read, ing.counts["sft"].accepted)
+    before = (ing.counts["sft"].read, ing.counts["sft"].accepted, Counter(ing.counts["sft"].reasons))
     for i, rec in enumerate(sample_records(champion.sft, want), 1):
         ing.add("sft", RawRecord(source, i, rec), src, writer)
     rep["read"] = ing.counts["sft"].read - before[0]
     rep["accepted"] = ing.counts["sft"].accepted - before[1]
+    # why replayed records were dropped (mostly: already in the new data): validate_data leaves them
+    # out of the quarantine and duplicate shares, which judge the new data
+    rep["per_reason"] = dict(ing.counts["sft"].reasons - before[2])
     rep["actual_share"] = round(rep["accepted"] / max(new + rep["accepted"], 1), 4)
     if want > pool:
         rep["note"] = f"the champion's data holds only {pool} records ({want} wanted)"

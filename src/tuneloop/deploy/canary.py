@@ -77,13 +77,29 @@ def _reload(cfg: RunConfig) -> dict[str, Any]:
     return r.json()
 
 
+def _apply(cfg: RunConfig, step: str, version: str, champion: str | None = None) -> dict[str, Any]:
+    """Make serving follow the registry after an alias change: the local gateway re-reads the
+    aliases; on KServe the InferenceService is patched (deploy/kserve.py)."""
+    if cfg.deploy.backend == "local":
+        return _reload(cfg)
+    from tuneloop.deploy import kserve
+
+    if step == "deploy":
+        obj = kserve.deploy(cfg, version)
+    elif step == "promote":
+        obj = kserve.promote(cfg, version)
+    else:
+        obj = kserve.rollback(cfg, champion)
+    return {"inference_service": kserve.service_name(cfg), "status": (obj or {}).get("status", {})}
+
+
 # -- rollout steps --
 def deploy_canary(cfg: RunConfig, version: str) -> dict[str, Any]:
     reg = Registry(cfg)
     mode = cfg.deploy.canary.mode
     reg.set_version_tag(version, TAG_CANARY_PERCENT, str(cfg.deploy.canary.traffic_percent))
     reg.set_alias(mode, version)
-    state = _reload(cfg)
+    state = _apply(cfg, "deploy", version)
     log.info("%s: version %s %s; gateway serves %s", mode, version,
              f"gets {cfg.deploy.canary.traffic_percent}% of users" if mode == "canary" else "mirrors all traffic",
              state)
@@ -181,7 +197,11 @@ def compare(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
 def analyze_canary(cfg: RunConfig, deployed_at: float) -> dict[str, Any]:
     from tuneloop.monitor.feedback import FeedbackStore
 
-    sent = replay_traffic(cfg, deployed_at)
+    if cfg.deploy.backend == "local":
+        sent = replay_traffic(cfg, deployed_at)
+    else:  # live traffic, logged by KServe into the feedback service: wait for the window to fill
+        time.sleep(max(0.0, deployed_at + cfg.deploy.canary.window_minutes * 60 - time.time()))
+        sent = 0
     rows = FeedbackStore(cfg.feedback_db).requests(since=deployed_at)
     result = compare(rows, cfg)
     result["replayed_requests"] = sent
@@ -199,7 +219,7 @@ def promote(cfg: RunConfig, version: str) -> dict[str, Any]:
     reg.delete_alias(cfg.deploy.canary.mode)
     reg.delete_alias("challenger")
     reg.set_version_tag(version, "tuneloop.promoted_at", str(int(time.time())))
-    state = _reload(cfg)
+    state = _apply(cfg, "promote", version)
     return {"action": "promote", "version": version, "previous": old.version if old else None, "gateway": state}
 
 
@@ -208,5 +228,6 @@ def rollback(cfg: RunConfig, version: str) -> dict[str, Any]:
     reg.delete_alias(cfg.deploy.canary.mode)
     reg.delete_alias("challenger")
     reg.set_version_tag(version, "tuneloop.rolled_back", "true")
-    state = _reload(cfg)
+    champ = reg.alias_version("champion")
+    state = _apply(cfg, "rollback", version, str(champ.version) if champ else None)
     return {"action": "rollback", "version": version, "gateway": state}

@@ -115,10 +115,12 @@ def create_feedback_service(store: FeedbackStore, pending_limit: int = 10_000) -
         except ValueError as e:
             return error(400, str(e))
         if ce_type.endswith(".request"):
+            # each revision's logger URL carries its version and variant (deploy/kserve.py)
+            q = request.query_params
             pending[ce_id] = {"prompt": _chat_text(body, "request"), "created": time.time(),
                               "user_id": str(body.get("user", "")) if isinstance(body, dict) else "",
-                              "model_version": request.headers.get("ce-inferenceservicename", ""),
-                              "variant": request.headers.get("ce-component", "predictor")}
+                              "model_version": q.get("version") or request.headers.get("ce-inferenceservicename", ""),
+                              "variant": q.get("variant") or "champion"}
             while len(pending) > pending_limit:
                 pending.popitem(last=False)
             return JSONResponse({"status": "pending"})

@@ -1,0 +1,61 @@
+"""Cluster settings from the run config's `platform` section are compiled into the pipeline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import tiny_config
+
+from tuneloop.config import ConfigError, load_config
+
+pytestmark = pytest.mark.unit
+
+
+def _platform_spec(path) -> dict:  # noqa: ANN001
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _containers(path) -> dict:  # noqa: ANN001
+    return yaml.safe_load_all(path.read_text()).__next__()["deploymentSpec"]["executors"]
+
+
+def test_compiled_pipeline_places_gpu_and_cpu_tasks(tmp_path, tiny_model_dir):
+    cfg = tiny_config(tmp_path, tiny_model_dir, platform={
+        "state_pvc": "tl-state", "secrets": [{"name": "MLFLOW_TRACKING_PASSWORD", "secret": "mlflow-auth", "key": "password"}],
+        "gpu_tasks": {"cpu": "8", "memory": "64Gi", "accelerator_type": "nvidia.com/gpu", "accelerators": 2,
+                      "node_selector": {"gpu": "h100"},
+                      "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]}})
+    out = tmp_path / "p.yaml"
+    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "compile", "--config", str(cfg), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    containers, k8s = _containers(out), _platform_spec(out)
+    for gpu_task in ("exec-sft", "exec-dpo", "exec-evaluate"):
+        res = containers[gpu_task]["container"]["resources"]
+        assert res["accelerator"]["resourceCount"] == "2" and res["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert k8s[gpu_task]["nodeSelector"]["labels"] == {"gpu": "h100"}
+        assert k8s[gpu_task]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "accelerator" not in containers["exec-ingest"]["container"]["resources"]
+    assert "tolerations" not in k8s["exec-ingest"]
+    for name, spec in k8s.items():
+        assert spec["pvcMount"][0]["constant"] == "tl-state" and spec["pvcMount"][0]["mountPath"]
+        assert spec["secretAsEnv"][0]["secretName"] == "mlflow-auth"
+        assert spec["secretAsEnv"][0]["keyToEnv"] == [{"envVar": "MLFLOW_TRACKING_PASSWORD", "secretKey": "password"}]
+    text = out.read_text()
+    assert "retryPolicy" in text
+    root = yaml.safe_load_all(text).__next__()["root"]["dag"]["tasks"]
+    assert root["check-prerequisites"]["retryPolicy"]["maxRetryCount"] == 2
+
+
+def test_gpus_per_pod_must_match_training_processes(tmp_path, tiny_model_dir):
+    assert load_config(tiny_config(tmp_path, tiny_model_dir, train__nproc_per_node=4))  # derived: 4 GPUs per pod
+    path = tiny_config(tmp_path, tiny_model_dir, train__nproc_per_node=4,
+                       platform={"gpu_tasks": {"accelerator_type": "nvidia.com/gpu", "accelerators": 2}})
+    with pytest.raises(ConfigError, match="platform.gpu_tasks.accelerators: 2 GPUs per training pod"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="accelerator_type"):
+        load_config(tiny_config(tmp_path, tiny_model_dir, platform={"cpu_tasks": {"accelerators": 1}}))
