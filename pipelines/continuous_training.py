@@ -49,7 +49,8 @@ def build_pipeline(platform: PlatformConfig, train_timeout_minutes: int = 120,  
         return task
 
     def gpu(task: dsl.PipelineTask, timeout_s: int) -> dsl.PipelineTask:
-        _place(task, platform.gpu_tasks, platform, timeout_s, False, gpus)  # a retry would redo hours of work
+        # retried too: a preempted training task resumes from its newest complete checkpoint
+        _place(task, platform.gpu_tasks, platform, timeout_s, True, gpus)
         return task
 
     @dsl.pipeline(name=PIPELINE_NAME,

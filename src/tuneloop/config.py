@@ -129,6 +129,10 @@ class DedupConfig(_Strict):
                                       "estimated Jaccard similarity to an earlier record, or whose prompt's to an "
                                       "eval prompt, is at least this are quarantined; 0 turns it off.")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (accuracy vs. speed).")
+    min_chars: int = Field(
+        60, ge=0, description="Texts shorter than this (normalized) get exact dedup only: in a short text a "
+                              "changed word is a different question ('opposite of wet' / 'opposite of win') "
+                              "yet shares most 5-grams.")
 
 
 class DriftConfig(_Strict):
@@ -596,8 +600,9 @@ class PlatformConfig(_Strict):
     secrets: list[SecretEnv] = Field(
         default_factory=list, description="Secrets exposed as environment variables in every task (MLflow, S3 "
                                           "credentials); values never enter the config or the compiled YAML.")
-    retries: int = Field(2, ge=0, description="Retries of tasks that talk to the network (prerequisites, ingest, "
-                                              "register, deploy, analyse, promote, rollback).")
+    retries: int = Field(2, ge=0, description="Retries with exponential backoff of every task but validate_data "
+                                              "(network calls; a preempted training task resumes from its newest "
+                                              "complete checkpoint).")
     retry_backoff_s: int = Field(30, gt=0, description="First retry delay; it doubles on each retry.")
     task_timeout_minutes: int = Field(60, gt=0, description="Timeout of every non-training task.")
 

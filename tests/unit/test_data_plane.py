@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from tuneloop.config import DataConfig, DataSource, DedupConfig, PiiConfig
 from tuneloop.data import readers
-from tuneloop.data.ingest import ingest, ingest_paths
+from tuneloop.data.ingest import ingest
 from tuneloop.data.replay import ChampionData, sample_records
 
 pytestmark = pytest.mark.unit
@@ -43,7 +43,8 @@ def _adds_up(rep: dict[str, Any]) -> None:
 
 def _ingest(tmp: Path, sources: list[DataSource], evals: list[dict[str, Any]] | None = None,
             formatter: Any = None, **kw: Any) -> tuple[dict[str, Any], Path]:
-    ev = _jsonl(tmp / "ev" / "eval.jsonl", evals or [{"id": "e1", "prompt": "An unrelated eval prompt", "response": "x"}])
+    ev = _jsonl(tmp / "ev" / "eval.jsonl",
+                evals or [{"id": "e1", "prompt": "An unrelated eval prompt", "response": "x"}])
     out = tmp / "out"
     rep = ingest(DataConfig(sources=sources, eval=[DataSource(path=str(ev))], **kw), formatter, out)
     _adds_up(rep)
@@ -97,7 +98,8 @@ def test_mixed_encodings(tmp_path: Path) -> None:
 
 
 def test_empty_and_whitespace_files(tmp_path: Path) -> None:
-    files = {"e.jsonl": b"", "e.csv": b"", "e.parquet": b"", "ws.jsonl": b"  \n\t\n\n", "header.csv": b"prompt,response\n"}
+    files = {"e.jsonl": b"", "e.csv": b"", "e.parquet": b"", "ws.jsonl": b"  \n\t\n\n",
+             "header.csv": b"prompt,response\n"}
     for name, data in files.items():
         (tmp_path / "in" / name).parent.mkdir(exist_ok=True)
         (tmp_path / "in" / name).write_bytes(data)
@@ -243,7 +245,8 @@ def test_pii_is_scrubbed_everywhere_before_writing(tmp_path: Path) -> None:
         assert secret not in written, secret
     sft = {r["id"]: r for r in _read(out / "sft.jsonl")}
     assert sft["a"]["user_text"] == "I am <EMAIL_ADDRESS>, call <PHONE_NUMBER>"
-    assert sft["b"]["turns"][0]["content"] == "Refund to <IBAN_CODE>" and sft["b"]["response"] == "Sent from <IP_ADDRESS>"
+    assert sft["b"]["turns"][0]["content"] == "Refund to <IBAN_CODE>"
+    assert sft["b"]["response"] == "Sent from <IP_ADDRESS>"
     q = {r["row"]: r for r in _read(out / "quarantine.jsonl") if r["kind"] == "sft"}
     assert q[3]["record"]["prompt"] == "My card <CREDIT_CARD> leaked" and "<EMAIL_ADDRESS>" in q[4]["record"]
     pq = _read(out / "quarantine.jsonl")[-1]
@@ -263,7 +266,8 @@ def test_near_duplicates_and_eval_leaks(tmp_path: Path) -> None:
         {"id": "n1", "prompt": base + "?", "response": "shipping"},
         {"id": "n2", "prompt": base.replace("Hello", "Hi") + "??", "response": "shipping"},  # near duplicate
         {"id": "n3", "prompt": "My invoice shows a charge for an item I returned last month.", "response": "billing"},
-        {"id": "n4", "prompt": "Could you please tell me the capital city of France, in one word?", "response": "Paris"},
+        {"id": "n4", "prompt": "Could you please tell me the capital city of France, in one word?",
+         "response": "Paris"},
         {"id": "n5", "prompt": "Something completely different about passwords.", "response": "account"},
     ])
     evals = [{"id": "e1", "prompt": "Could you please tell me the capital city of France in one word",
@@ -278,6 +282,18 @@ def test_near_duplicates_and_eval_leaks(tmp_path: Path) -> None:
     off, _ = _ingest(tmp_path / "off", [DataSource(path=str(src))], evals=evals,
                      dedup=DedupConfig(near_threshold=0))
     assert off["quarantined"] == 0
+
+
+def test_short_texts_get_exact_dedup_only(tmp_path: Path) -> None:
+    """'opposite of wet' and 'opposite of win' share most 5-grams but are different questions."""
+    src = _jsonl(tmp_path / "s.jsonl", [{"id": "s1", "prompt": "What is the opposite of wet?", "response": "Dry"},
+                                        {"id": "s2", "prompt": "What is the opposite of wit?", "response": "Dull"}])
+    rep, _ = _ingest(tmp_path, [DataSource(path=str(src))],
+                     evals=[{"id": "e1", "prompt": "What is the opposite of win?", "response": "Lose"}])
+    assert rep["quarantined"] == 0
+    rep, _ = _ingest(tmp_path / "strict", [DataSource(path=str(src))], dedup=DedupConfig(min_chars=0),
+                     evals=[{"id": "e1", "prompt": "What is the opposite of win?", "response": "Lose"}])
+    assert rep["per_reason"].get("eval leak (near duplicate)", 0) + rep["per_reason"].get("near duplicate", 0) >= 1
 
 
 # -- replay ----------------------------------------------------------------------------------------

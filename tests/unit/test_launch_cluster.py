@@ -1,5 +1,5 @@
 """The TrainJob / PyTorchJob launchers: the objects they build are checked against the real CRD
-schemas (../shared/crds), and the real launcher logic is driven through recorded API responses
+schemas (tests/crds), and the real launcher logic is driven through recorded API responses
 (k8s_recordings/status_transitions.json) by a fake that stands in for the Kubernetes API only."""
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ from tuneloop.train.launch import (ClusterLauncher, JobSpec, TrainingFailed, bui
 
 pytestmark = pytest.mark.unit
 
-CRDS = Path(__file__).resolve().parents[3] / "shared" / "crds"
+CRDS = Path(__file__).resolve().parents[1] / "crds"  # vendored upstream CRDs (tests/crds/README.md)
 RECORDINGS = json.loads((Path(__file__).parent / "k8s_recordings" / "status_transitions.json").read_text())
 
 
 def _schema(filename: str) -> dict[str, Any]:
-    if not (CRDS / filename).exists():
-        pytest.skip(f"{CRDS / filename} not found (shared/ lies beside the repository)")
     crd = yaml.safe_load((CRDS / filename).read_text())
     version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
     return version["schema"]["openAPIV3Schema"]

@@ -217,20 +217,23 @@ class Ingestor:
             self.near[group] = NearDupIndex(self.cfg.dedup.near_threshold, self.cfg.dedup.num_perm)
         return self.near[group]
 
-    def _near_dup(self, kind: str, r: dict[str, Any], rid: str) -> Any:
+    def _near_dup(self, kind: str, r: dict[str, Any]) -> Any:
         """Near-duplicate checks (eval leak by prompt, then an earlier record of this kind); returns
         what to index once the record is accepted."""
         if self.cfg.dedup.near_threshold <= 0:
             return None
+        long_prompt = len(normalize_text(r["user_text"])) >= self.cfg.dedup.min_chars
         if kind.startswith("eval"):
-            return ("eval", self._near("eval").signature(r["user_text"]))
-        if "eval" in self.near:
+            return ("eval", self._near("eval").signature(r["user_text"])) if long_prompt else None
+        if "eval" in self.near and long_prompt:
             hit = self.near["eval"].match(self.near["eval"].signature(r["user_text"]))
             if hit:
                 raise Rejected(f"eval leak (near duplicate): prompt resembles held-out eval record {hit[0]} "
                                f"(jaccard {hit[1]:.2f})")
         group = "preference" if "chosen" in r else "sft"
         text = "\n".join([r["user_text"], *([r["chosen"], r["rejected"]] if "chosen" in r else [r["response"]])])
+        if len(normalize_text(text)) < self.cfg.dedup.min_chars:
+            return None
         sig = self._near(group).signature(text)
         hit = self.near[group].match(sig)
         if hit:
@@ -258,7 +261,7 @@ class Ingestor:
             rid = self._id(raw.data, raw, key)
             if not kind.startswith("eval") and normalize_text(r["user_text"]) in self.eval_prompts:
                 raise Rejected(f"eval leak: prompt is held-out eval record {self.eval_prompts[normalize_text(r['user_text'])]}")
-            index = self._near_dup(kind, r, rid)
+            index = self._near_dup(kind, r)
         except Rejected as e:
             self._reject(kind, raw, str(e))
             return

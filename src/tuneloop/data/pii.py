@@ -31,6 +31,7 @@ nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -153,10 +154,8 @@ def _blank_spacy_dir() -> str:
     if not (d / "config.cfg").exists():
         tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=d.name + "."))
         spacy.blank("en").to_disk(tmp)
-        try:
+        with contextlib.suppress(OSError):  # written concurrently by another process: theirs is as good
             os.replace(tmp, d)
-        except OSError:  # written concurrently by another process: theirs is as good
-            pass
     return str(d)
 
 

@@ -88,10 +88,7 @@ def sample_records(path: Path, n: int) -> Iterator[dict[str, Any]]:
     if n <= 0:
         return
     keys = np.fromiter((_key(str(r["id"])) for r in _rows(path)), dtype=np.uint64)
-    if n < len(keys):
-        cut = np.partition(keys, n - 1)[n - 1]
-    else:
-        cut = np.iinfo(np.uint64).max
+    cut = np.partition(keys, n - 1)[n - 1] if n < len(keys) else np.iinfo(np.uint64).max
     kept = 0
     for r in _rows(path):
         if kept < n and _key(str(r["id"])) <= cut:

@@ -181,24 +181,6 @@ PYTORCHJOB_CONTAINER = "pytorch"  # the Training Operator requires this containe
 LAUNCHER = "tuneloop.io/launcher"
 
 
-@dataclass(frozen=True)
-class Kind:
-    name: str
-    group: str
-    version: str
-    plural: str
-    container: str
-    pod_selector: str  # label selector with {name}
-
-
-KINDS = {
-    "trainjob": Kind("TrainJob", TRAINER_GROUP, TRAINER_VERSION, "trainjobs", TRAINJOB_CONTAINER,
-                     "jobset.sigs.k8s.io/jobset-name={name}"),
-    "pytorchjob": Kind("PyTorchJob", PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, "pytorchjobs", PYTORCHJOB_CONTAINER,
-                       "training.kubeflow.org/job-name={name}"),
-}
-
-
 def job_name(stage: str, pipeline_run: str, attempt: int = 0) -> str:
     """RFC 1035 label, at most 63 characters, stable for one stage of one pipeline run."""
     digest = hashlib.sha256(pipeline_run.encode()).hexdigest()[:10]
@@ -230,8 +212,21 @@ def node_resources(cfg: RunConfig) -> dict[str, Any]:
     return {"requests": dict(res), "limits": dict(res)}
 
 
-def _tolerations(cfg: RunConfig) -> list[dict[str, Any]]:
-    return [t.model_dump(exclude_none=True) for t in cfg.train.cluster.tolerations]
+def _pod_spec(cfg: RunConfig, container: dict[str, Any]) -> dict[str, Any]:
+    """The training pod's placement, state volume and grace period around one container."""
+    c = cfg.train.cluster
+    pod: dict[str, Any] = {
+        "terminationGracePeriodSeconds": c.termination_grace_seconds,
+        "volumes": [{"name": "state", "persistentVolumeClaim": {"claimName": c.state_pvc}}],
+        "containers": [{**container, "volumeMounts": [{"name": "state", "mountPath": str(cfg.state_path)}]}],
+    }
+    if c.node_selector:
+        pod["nodeSelector"] = dict(c.node_selector)
+    if c.tolerations:
+        pod["tolerations"] = [t.model_dump(exclude_none=True) for t in c.tolerations]
+    if c.service_account:
+        pod["serviceAccountName"] = c.service_account
+    return pod
 
 
 def _torchrun(stage: str, spec_path: str, grace_s: int, extra: list[str] | None = None) -> list[str]:
@@ -245,18 +240,7 @@ def build_trainjob(cfg: RunConfig, name: str, stage: str, spec_path: str,
     t, c = cfg.train, cfg.train.cluster
     from tuneloop.components.images import TRAIN_IMAGE
 
-    pod: dict[str, Any] = {
-        "terminationGracePeriodSeconds": c.termination_grace_seconds,
-        "volumes": [{"name": "state", "persistentVolumeClaim": {"claimName": c.state_pvc}}],
-        "containers": [{"name": TRAINJOB_CONTAINER,
-                        "volumeMounts": [{"name": "state", "mountPath": str(cfg.state_path)}]}],
-    }
-    if c.node_selector:
-        pod["nodeSelector"] = dict(c.node_selector)
-    if c.tolerations:
-        pod["tolerations"] = _tolerations(cfg)
-    if c.service_account:
-        pod["serviceAccountName"] = c.service_account
+    pod = _pod_spec(cfg, {"name": TRAINJOB_CONTAINER})
     return {
         "apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}",
         "kind": "TrainJob",
@@ -288,24 +272,9 @@ def build_pytorchjob(cfg: RunConfig, name: str, stage: str, spec_path: str,
 
     rendezvous = [f"--nnodes={t.num_nodes}", f"--nproc_per_node={t.nproc_per_node}", "--node_rank=$(RANK)",
                   "--master_addr=$(MASTER_ADDR)", "--master_port=$(MASTER_PORT)"]
-    pod_spec: dict[str, Any] = {
-        "terminationGracePeriodSeconds": c.termination_grace_seconds,
-        "volumes": [{"name": "state", "persistentVolumeClaim": {"claimName": c.state_pvc}}],
-        "containers": [{
-            "name": PYTORCHJOB_CONTAINER,
-            "image": c.image or TRAIN_IMAGE,
-            "command": _torchrun(stage, spec_path, c.termination_grace_seconds, rendezvous),
-            "env": container_env(cfg),
-            "resources": node_resources(cfg),
-            "volumeMounts": [{"name": "state", "mountPath": str(cfg.state_path)}],
-        }],
-    }
-    if c.node_selector:
-        pod_spec["nodeSelector"] = dict(c.node_selector)
-    if c.tolerations:
-        pod_spec["tolerations"] = _tolerations(cfg)
-    if c.service_account:
-        pod_spec["serviceAccountName"] = c.service_account
+    pod_spec = _pod_spec(cfg, {"name": PYTORCHJOB_CONTAINER, "image": c.image or TRAIN_IMAGE,
+                               "command": _torchrun(stage, spec_path, c.termination_grace_seconds, rendezvous),
+                               "env": container_env(cfg), "resources": node_resources(cfg)})
 
     def replica(n: int) -> dict[str, Any]:
         return {"replicas": n, "restartPolicy": "ExitCode",
@@ -324,9 +293,6 @@ def build_pytorchjob(cfg: RunConfig, name: str, stage: str, spec_path: str,
             "pytorchReplicaSpecs": replicas,
         },
     }
-
-
-BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {"trainjob": build_trainjob, "pytorchjob": build_pytorchjob}
 
 
 # -- status (pure) ------------------------------------------------------------------------------
@@ -367,7 +333,24 @@ def pytorchjob_status(obj: dict[str, Any]) -> JobStatus:
     return JobStatus(phase, last.get("reason", ""), last.get("message", ""))
 
 
-STATUS_READERS = {"trainjob": trainjob_status, "pytorchjob": pytorchjob_status}
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    group: str
+    version: str
+    plural: str
+    container: str
+    pod_selector: str  # label selector with {name}
+    build: Callable[..., dict[str, Any]]
+    status: Callable[[dict[str, Any]], JobStatus]
+
+
+KINDS = {
+    "trainjob": Kind("TrainJob", TRAINER_GROUP, TRAINER_VERSION, "trainjobs", TRAINJOB_CONTAINER,
+                     "jobset.sigs.k8s.io/jobset-name={name}", build_trainjob, trainjob_status),
+    "pytorchjob": Kind("PyTorchJob", PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, "pytorchjobs", PYTORCHJOB_CONTAINER,
+                       "training.kubeflow.org/job-name={name}", build_pytorchjob, pytorchjob_status),
+}
 
 PREEMPTION_REASONS = {"PreemptionByScheduler", "PreemptionByKubeScheduler", "DeletionByTaintManager",
                       "EvictionByEvictionAPI", "DeletionByPodGC", "TerminationByKubelet", "Evicted", "Preempted",
@@ -427,8 +410,7 @@ class ClusterLauncher:
     def __init__(self, cfg: RunConfig, custom_api: Any = None, core_api: Any = None,
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
                  echo: Callable[[str], None] | None = None) -> None:
-        self.cfg, self.backend = cfg, cfg.train.backend
-        self.kind = KINDS[self.backend]
+        self.cfg, self.kind = cfg, KINDS[cfg.train.backend]
         if custom_api is None or core_api is None:
             from kubernetes import client, config
 
@@ -491,7 +473,7 @@ class ClusterLauncher:
         try:
             for attempt in range(c.max_restarts + 1):
                 name = job_name(stage, pipeline_run, attempt)
-                body = BUILDERS[self.backend](self.cfg, name, stage, spec_path, job_labels(stage, pipeline_run))
+                body = self.kind.build(self.cfg, name, stage, spec_path, job_labels(stage, pipeline_run))
                 self._create(body)
                 try:
                     status, problem, preempted = self.follow(name, deadline)
@@ -547,7 +529,6 @@ class ClusterLauncher:
         from kubernetes.client.exceptions import ApiException
 
         c, k = self.cfg.train.cluster, self.kind
-        read_status = STATUS_READERS[self.backend]
         last_status: JobStatus | None = None
         seen: dict[tuple[str, str], float] = {}  # (pod, reason) -> first seen
         worst: PodProblem | None = None
@@ -559,7 +540,7 @@ class ClusterLauncher:
                 if e.status == 404:
                     return JobStatus("failed", "Deleted", f"{k.name} {name} disappeared"), worst, False
                 raise
-            status = read_status(obj)
+            status = k.status(obj)
             if status != last_status:
                 self.echo(f"[tuneloop.launch] {k.name} {name}: {status.phase}"
                           + (f" ({status.reason}: {status.message})" if status.reason or status.message else ""))
