@@ -308,7 +308,3 @@ def serve(cfg: RunConfig, host: str, port: int) -> None:
     gw.reload()
     log.info("gateway on http://%s:%d serving %s", host, port, gw.state())
     uvicorn.run(create_app(gw), host=host, port=port, log_level="warning", workers=1)
-
-
-def gateway_state_file(cfg: RunConfig) -> Path:
-    return cfg.state_path / "gateway.json"
