@@ -6,7 +6,7 @@ Two servers, each one uvicorn process, answer the same OpenAI-shaped JSON:
            to the feedback store with PII scrubbing) over a stub backend that answers at once
 An open-loop generator sends --rate requests/s for --seconds to each in turn. During the
 gateway's run a canary is deployed (50%), promoted, a second canary deployed and rolled back,
-each through the registry and /admin/reload as the pipeline does it. Prints latency
+each through the registry and /admin/reload, from a separate process, as the pipeline's tasks do. Prints latency
 percentiles of both and, as its last line,
     p99_added_ms=<gateway p99 - bare p99> failed=<failed gateway requests>
 
@@ -35,6 +35,25 @@ ANSWER = {"id": "x", "object": "chat.completion", "model": "m", "usage": {},
 class StubBackend:
     def answer(self, messages, max_tokens):  # noqa: ANN001, ANN201
         return "ok", 3, 1
+
+
+def operate(config: str, url: str) -> None:
+    """Child process: performs rollout steps read from stdin (`set ALIAS VERSION`, `del ALIAS`, then a
+    reload), as the pipeline's deploy/promote/rollback tasks would from their own pods - so that
+    no registry work runs inside the load generator and skews what it measures."""
+    import httpx
+
+    from tuneloop.config import load_config
+    from tuneloop.registry import Registry
+
+    reg = Registry(load_config(config))
+    print("ready", flush=True)
+    for line in sys.stdin:
+        for op in line.strip().split(";"):
+            verb, *rest = op.split()
+            reg.set_alias(rest[0], rest[1]) if verb == "set" else reg.delete_alias(rest[0])
+        httpx.post(f"{url}/admin/reload", timeout=30).raise_for_status()
+        print("done", flush=True)
 
 
 def serve(kind: str, port: int, config: str) -> None:
@@ -161,11 +180,15 @@ def main() -> None:
     ap.add_argument("--no-rollout", action="store_true",
                     help="no canary deploy/promote/rollback during the load (isolates the steady-state overhead)")
     ap.add_argument("--serve", choices=["bare", "gateway"], help=argparse.SUPPRESS)
+    ap.add_argument("--operate", metavar="URL", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         serve(args.serve, args.port, args.config)
+        return
+    if args.operate:
+        operate(args.config, args.operate)
         return
 
     import httpx
@@ -202,11 +225,17 @@ def main() -> None:
                 except httpx.HTTPError:
                     time.sleep(0.2)
 
+            operator = subprocess.Popen([sys.executable, __file__, "--operate", url, "--config", str(config)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert operator.stdout is not None and operator.stdin is not None
+            operator.stdout.readline()  # "ready": its libraries are loaded before the load starts
+
             def act(alias_ops: list[tuple[str, str | None]]) -> object:
                 def run() -> None:
-                    for alias, version in alias_ops:
-                        reg.set_alias(alias, version) if version else reg.delete_alias(alias)
-                    httpx.post(f"{url}/admin/reload", timeout=30).raise_for_status()
+                    cmd = ";".join(f"set {a} {v}" if v else f"del {a}" for a, v in alias_ops)
+                    operator.stdin.write(cmd + "\n")
+                    operator.stdin.flush()
+                    assert operator.stdout.readline().strip() == "done"
                 return run
 
             d = args.seconds
@@ -219,6 +248,8 @@ def main() -> None:
             asyncio.run(load(url, args.rate, 1.0, []))  # warm-up
             lat, failed = asyncio.run(load(url, args.rate, d, events))
             results[kind] = (lat, failed)
+            operator.stdin.close()
+            operator.wait(10)
             if kind == "gateway" and not args.no_rollout:
                 state = httpx.get(f"{url}/healthz").json()
                 assert state["champion"] == versions[0] and state["canary"] is None, state
