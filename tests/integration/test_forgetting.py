@@ -24,8 +24,8 @@ GATES = {
     "slices": {"ticket_routing": {"task": "classification", "labels": ["billing", "shipping", "account", "technical"]},
                "general_qa": {"task": "generation"}},
     "max_new_tokens": 4, "batch_size": 16, "bootstrap_samples": 1000,
-    "gates": [{"metric": "nll", "slice": "general_qa", "max_regression": 0.25, "confidence": 0.9},
-              {"metric": "nll", "slice": "ticket_routing", "max_regression": 0.25, "confidence": 0.9}],
+    "gates": [{"metric": "nll", "slice": "general_qa", "max_regression": 0.10, "confidence": 0.9},
+              {"metric": "nll", "slice": "ticket_routing", "max_regression": 0.10, "confidence": 0.9}],
 }
 
 
