@@ -18,20 +18,11 @@ from tuneloop.data import readers
 from tuneloop.data.ingest import ingest
 from tuneloop.data.replay import ChampionData, sample_records
 
+from conftest import read_jsonl as _read  # noqa: E402
+from conftest import write_jsonl as _jsonl  # noqa: E402
+
 pytestmark = pytest.mark.unit
 
-
-def _jsonl(path: Path, rows: list[Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        for r in rows:
-            f.write(r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode())
-            f.write(b"\n")
-    return path
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _adds_up(rep: dict[str, Any]) -> None:

@@ -16,6 +16,9 @@ from tuneloop.data.formatting import ChatFormatter
 from tuneloop.data.ingest import ingest
 from tuneloop.monitor.feedback import FeedbackStore, feedback_to_training
 
+from conftest import read_jsonl as _read  # noqa: E402
+from conftest import write_jsonl as _jsonl  # noqa: E402
+
 pytestmark = pytest.mark.unit
 
 ASSISTANT = "<|im_start|>assistant\n"
@@ -35,18 +38,6 @@ def tokenizer(tiny_model_dir: Path) -> Any:
 def formatter(tokenizer: Any) -> ChatFormatter:
     return ChatFormatter(tokenizer)
 
-
-def _jsonl(path: Path, rows: list[Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        for r in rows:
-            f.write(r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode())
-            f.write(b"\n")
-    return path
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @pytest.fixture()
