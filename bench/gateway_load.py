@@ -195,7 +195,7 @@ def main() -> None:
 
     from tuneloop.config import load_config
     from tuneloop.registry import TAG_PIPELINE_RUN, Registry
-    from tuneloop.tiny import _free_port, tiny_run_config
+    from tuneloop.tiny import free_port, tiny_run_config
 
     root = Path(tempfile.mkdtemp(prefix="tuneloop-gwbench-"))
     config = tiny_run_config(root, root / "unused-model", **({"data__pii__enabled": False} if os.environ.get("BENCH_NO_PII") else {}))
@@ -213,7 +213,7 @@ def main() -> None:
 
     results = {}
     for kind in ("bare", "gateway"):
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--port", str(port), "--config",
                                  str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

@@ -86,7 +86,7 @@ def check_prerequisites(cfg: RunConfig, run_name: str, kfp_run_id: str) -> dict[
         raise PrerequisiteError("prerequisites not met:\n  - " + "\n  - ".join(problems))
     base = base_model_dir(cfg)
     reg = Registry(cfg)
-    params = {k: v for k, v in _flatten(cfg.model_dump(mode="json")).items()}
+    params = _flatten(cfg.model_dump(mode="json"))
     parent = reg.start_pipeline_run(run_name, kfp_run_id, params)
     reg.client.set_tag(parent, TAG_BASE_MODEL, cfg.base_model.name)
     with reg.stage_run(parent, "check_prerequisites") as run_id:

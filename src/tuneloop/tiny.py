@@ -53,7 +53,8 @@ def build_tiny_model(out: Path, texts: Iterable[str] | None = None, hidden: int 
     return out
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback (tests, benchmarks)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -86,7 +87,7 @@ def tiny_run_config(tmp: Path, model_dir: Path, **overrides) -> Path:
                      "max_new_tokens": 4, "batch_size": 8,
                      "gates": [{"metric": "nll", "slice": "ticket_routing", "max_regression": 100.0}]},
         "registry": {"model_name": "tiny-model", "experiment": "tiny"},
-        "deploy": {"gateway_url": f"http://127.0.0.1:{_free_port()}",
+        "deploy": {"gateway_url": f"http://127.0.0.1:{free_port()}",
                    "canary": {"traffic_percent": 50, "requests": 12, "traffic_file": "data/traffic.jsonl",
                               "max_new_tokens": 4,
                               # p95 of ~6 millisecond requests is scheduler noise, not a signal

@@ -132,9 +132,10 @@ def replay_traffic(cfg: RunConfig, since: float) -> int:
     return sent
 
 
-def _p95(xs: list[float]) -> float:
+def p95(xs: list[float]) -> float | None:
+    """95th percentile (nearest rank); None for no values."""
     if not xs:
-        return 0.0
+        return None
     s = sorted(xs)
     return s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
 
@@ -152,7 +153,7 @@ def compare(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
         scores = [r["score"] for r in rs if r["score"] is not None]
         fig[v] = {"requests": len(rs), "errors": sum(r["status"] != "ok" for r in rs),
                   "error_rate": sum(r["status"] != "ok" for r in rs) / max(len(rs), 1),
-                  "p95_latency_ms": _p95([r["latency_ms"] for r in rs if r["status"] == "ok"]),
+                  "p95_latency_ms": p95([r["latency_ms"] for r in rs if r["status"] == "ok"]) or 0.0,
                   "feedback_n": len(scores), "feedback_mean": sum(scores) / len(scores) if scores else None,
                   "_scores": scores}
     ch, ca = fig["champion"], fig["canary"]

@@ -11,7 +11,7 @@ from typing import Any
 
 from tuneloop.config import PREFERENCE_SLICE, SAFETY_SLICE, RunConfig
 from tuneloop.evaluate.gates import gate_table
-from tuneloop.evaluate.run import REPORT_METRICS
+from tuneloop.evaluate.run import slice_rows
 
 SMALL_SLICE = 30
 
@@ -46,10 +46,8 @@ def model_card(cfg: RunConfig, version: str, tags: dict[str, str], ingest_report
         f"## Results against the {ref}", "",
         "| slice | n | metric | this version | " + ref + " | base model |", "|---|---|---|---|---|---|"]
     for sl in slices:
-        for k in REPORT_METRICS:
-            if k in metrics["candidate"][sl]:
-                lines.append(f"| {sl} | {metrics['candidate'][sl]['n']} | {k} | {metrics['candidate'][sl][k]:.4f} | "
-                             f"{metrics['champion'][sl][k]:.4f} | {metrics['base'][sl][k]:.4f} |")
+        n = metrics["candidate"][sl]["n"]
+        lines += [f"| {sl} | {n} | {k} | {c:.4f} | {r:.4f} | {b:.4f} |" for k, c, r, b in slice_rows(metrics, sl)]
     lines.append("")
     if SAFETY_SLICE in metrics["candidate"]:
         s = {w: metrics[w][SAFETY_SLICE] for w in ("candidate", "champion", "base")}

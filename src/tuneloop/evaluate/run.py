@@ -117,15 +117,18 @@ def evaluate_models(cfg: EvaluateConfig, base_dir: Path, eval_path: Path, candid
     return {"metrics": metrics, "gate": gate, "reference": reference_name}
 
 
+def slice_rows(metrics: dict[str, Any], sl: str) -> list[tuple[str, float, float, float]]:
+    """(metric, candidate, reference, base) for every report metric the slice has."""
+    return [(k, metrics["candidate"][sl][k], metrics["champion"][sl][k], metrics["base"][sl][k])
+            for k in REPORT_METRICS if k in metrics["candidate"][sl]]
+
+
 def report_markdown(metrics: dict[str, Any], gate: dict[str, Any], reference: str) -> str:
     lines = ["# Evaluation", "", f"Candidate vs {reference} (and the base model) on the held-out set.", ""]
     for sl in sorted(k for k in metrics["candidate"] if k not in (SAFETY_SLICE, PREFERENCE_SLICE)):
         lines += [f"## slice `{sl}` (n={metrics['candidate'][sl]['n']})", "",
                   "| metric | candidate | reference | base |", "|---|---|---|---|"]
-        for k in REPORT_METRICS:
-            if k in metrics["candidate"][sl]:
-                lines.append(f"| {k} | {metrics['candidate'][sl][k]:.4f} | {metrics['champion'][sl][k]:.4f} | "
-                             f"{metrics['base'][sl][k]:.4f} |")
+        lines += [f"| {k} | {c:.4f} | {r:.4f} | {b:.4f} |" for k, c, r, b in slice_rows(metrics, sl)]
         lines.append("")
     if SAFETY_SLICE in metrics["candidate"]:
         lines += ["## safety (red-team prompts)", "", "| | candidate | reference | base |", "|---|---|---|---|"]

@@ -22,15 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.config import RunConfig
+from tuneloop.deploy.canary import p95
 
 log = logging.getLogger("tuneloop.monitor")
-
-
-def _p95(xs: list[float]) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
 
 
 def spc(baseline: list[float], window: list[float], min_window: int) -> dict[str, Any]:
@@ -66,10 +60,10 @@ def check(cfg: RunConfig, out: Path, now: float | None = None) -> dict[str, Any]
 
     errors = sum(r["status"] != "ok" for r in window)
     err_rate = errors / len(window) if window else 0.0
-    p95 = _p95([r["latency_ms"] for r in window if r["status"] == "ok"])
-    report["slo"] = {"error_rate": err_rate, "p95_latency_ms": p95,
+    p95_ms = p95([r["latency_ms"] for r in window if r["status"] == "ok"])
+    report["slo"] = {"error_rate": err_rate, "p95_latency_ms": p95_ms,
                      "error_rate_ok": err_rate <= m.slo_error_rate,
-                     "latency_ok": p95 is None or p95 <= m.slo_p95_latency_ms}
+                     "latency_ok": p95_ms is None or p95_ms <= m.slo_p95_latency_ms}
 
     promoted = float(champ.tags.get("tuneloop.promoted_at", 0)) if champ else 0.0
     scored = [r for r in served if r["score"] is not None and r["created"] >= promoted]
