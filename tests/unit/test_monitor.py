@@ -84,3 +84,36 @@ def test_store_scrubs_pii_before_storing(tmp_path):
     row = store.rows()[0]
     assert "jane.doe@example.com" not in row["prompt"] and "<EMAIL_ADDRESS>" in row["prompt"]
     assert "7946" not in row["correction"]
+
+
+def test_logging_never_waits_for_the_writer_and_readers_see_its_batch(tmp_path):
+    """The serving path only appends to the queue: while the background writer is busy scrubbing a
+    batch, `log_request` still returns; a reader's flush waits for that batch (read-your-writes)."""
+    import threading
+
+    from tuneloop.monitor.feedback import FeedbackStore
+
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowScrubber:
+        def scrub(self, text: str) -> str:
+            entered.set()
+            release.wait(30)
+            return text
+
+    store = FeedbackStore(tmp_path / "fb.db", scrubber=SlowScrubber())
+    row = dict(user_id="u", model_version="1", variant="champion", slice="", output="ok", status="ok",
+               latency_ms=1.0)
+    store.log_request(request_id="first", prompt="p1", **row)
+    assert entered.wait(30), "the writer thread never took the batch"
+    second = threading.Thread(target=store.log_request, kwargs=dict(request_id="second", prompt="p2", **row))
+    second.start()
+    second.join(10)
+    assert not second.is_alive(), "log_request waited for the writer's scrubbing"
+    seen: list = []
+    reader = threading.Thread(target=lambda: seen.append(store.served_by("first")))
+    reader.start()
+    release.set()
+    reader.join(30)
+    assert seen == [("1", "champion")]
+    assert {r["request_id"] for r in store.requests()} == {"first", "second"}

@@ -66,7 +66,8 @@ class FeedbackStore:
         _Base.metadata.create_all(self.engine)
         self.scrubber = scrubber
         self._queue: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _queue only
+        self._write_lock = threading.Lock()
         self._scrub_lock = threading.Lock()
         self._wake = threading.Event()
         self._writer: threading.Thread | None = None
@@ -95,8 +96,12 @@ class FeedbackStore:
             self.flush()
 
     def flush(self) -> None:
-        with self._lock:
-            batch, self._queue = self._queue, []
+        """Write everything queued so far. The queue lock is held only to take the batch, so the
+        serving path never waits for scrubbing or the database; the write lock makes a reader's
+        flush wait for a batch the writer thread is still writing (read-your-writes)."""
+        with self._write_lock:
+            with self._lock:
+                batch, self._queue = self._queue, []
             if not batch:
                 return
             rows = [{**f, "prompt": self._scrub(f["prompt"]) or "", "output": self._scrub(f["output"]) or ""}
