@@ -6,8 +6,13 @@ Nothing is downloaded: the tokenizer is trained on the demo data's text, the mod
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 # DeepSpeed's CPU op is compiled on first use (40 s to 2 min): once per machine, not once per test state dir
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "tuneloop-torch-extensions"))
-
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: ANN001
@@ -58,3 +62,63 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _pg_program(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):  # Debian keeps them off PATH
+        if os.access(f"{d}/{name}", os.X_OK):
+            return f"{d}/{name}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Callable[[str], str]]:
+    """A real PostgreSQL server on loopback (initdb + pg_ctl in a temp dir, trust auth on
+    127.0.0.1 only), as the chart's feedback service and MLflow server use on a cluster. Yields
+    database(name) -> the SQLAlchemy URL of a new, empty database. Skips, saying why, where
+    PostgreSQL is not installed."""
+    initdb, pg_ctl = _pg_program("initdb"), _pg_program("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL is not installed (initdb/pg_ctl not found); apt-get install postgresql")
+    run_as: dict[str, int] = {}
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        import pwd
+
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` user to run PostgreSQL as")
+        run_as = {"user": pw.pw_uid, "group": pw.pw_gid}
+    root = Path(tempfile.mkdtemp(prefix="tuneloop-pg-"))  # not under pytest's 0700 root-owned tmp
+    if run_as:
+        os.chown(root, run_as["user"], run_as["group"])
+    data, logfile, port = root / "data", root / "server.log", free_port()
+    env = {"PATH": os.environ.get("PATH", ""), "LC_ALL": "C", "HOME": str(root)}
+
+    def pg(*args: str | Path) -> None:
+        done = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, cwd=root, **run_as)
+        if done.returncode != 0:
+            log = logfile.read_text() if logfile.exists() else ""
+            pytest.fail(f"{' '.join(map(str, args[:2]))} failed: {done.stderr[-2000:]}{log[-2000:]}")
+
+    pg(initdb, "-D", data, "-U", "tuneloop", "--auth=trust", "--no-locale", "-E", "UTF8", "--no-sync")
+    pg(pg_ctl, "-D", data, "-l", logfile, "-w", "-t", "60", "-o",
+       f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+
+    def database(name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=port, user="tuneloop", dbname="postgres",
+                             autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql://tuneloop@127.0.0.1:{port}/{name}"
+
+    try:
+        yield database
+    finally:
+        subprocess.run([pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True, env=env,
+                       cwd=root, **run_as)
+        shutil.rmtree(root, ignore_errors=True)

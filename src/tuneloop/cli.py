@@ -398,7 +398,8 @@ def monitor(config: ConfigArg = None, state_dir: StateDir = None, tracking_uri: 
 @app.command("feedback-service")
 def feedback_service(
     database_url: Annotated[str, typer.Option(envvar="DATABASE_URL", help="SQLAlchemy URL of the feedback store "
-                                              "(postgresql+psycopg://... on a cluster; a sqlite path locally).")],
+                                              "(postgresql://user:password@host:5432/feedback on a cluster, psycopg 3; a sqlite "
+                                              "path locally).")],
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="Port.")] = 8080,
     config: Annotated[Path | None, typer.Option(help="Run config whose data.pii settings scrub what is stored; "

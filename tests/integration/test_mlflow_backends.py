@@ -1,5 +1,5 @@
-"""The registry code path on both backends: the embedded sqlite store and `mlflow server`
-started on loopback (as a cluster's tracking server would be)."""
+"""The registry code path on every backend: the embedded sqlite store, and `mlflow server`
+started on loopback on sqlite and on a real Postgres (as the chart runs it on a cluster)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,13 +17,11 @@ from conftest import free_port, tiny_config
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
+def _start_server(root: Path, backend_store_uri: str) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+                             "--workers", "1", "--backend-store-uri", backend_store_uri,
                              "--artifacts-destination", str(root / "artifacts")],
                             stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -44,6 +43,18 @@ def mlflow_server(tmp_path_factory):
     proc.wait(20)
 
 
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    yield from _start_server(root, f"sqlite:///{root / 'server.db'}")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server_postgres(tmp_path_factory, postgres):
+    """The chart's production set-up: the tracking server on a Postgres backend store."""
+    yield from _start_server(tmp_path_factory.mktemp("mlflow-server-pg"), postgres("mlflow"))
+
+
 def _adapter(tmp: Path) -> Path:
     d = tmp / "adapter"
     d.mkdir()
@@ -52,14 +63,15 @@ def _adapter(tmp: Path) -> Path:
     return d
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "server"])
+@pytest.mark.parametrize("backend", ["sqlite", "server", "server-postgres"])
 def test_registry_lifecycle(backend, tmp_path, tiny_model_dir, request):
     from tuneloop.config import load_config
     from tuneloop.registry import TAG_PIPELINE_RUN, Registry
 
     cfg = load_config(tiny_config(tmp_path, tiny_model_dir))
-    if backend == "server":
-        cfg.registry.tracking_uri = request.getfixturevalue("mlflow_server")
+    if backend != "sqlite":
+        cfg.registry.tracking_uri = request.getfixturevalue(
+            {"server": "mlflow_server", "server-postgres": "mlflow_server_postgres"}[backend])
     reg = Registry(cfg)
     parent = reg.start_pipeline_run("r1", "kfp-123", {"train.sft.max_steps": 4})
     assert reg.start_pipeline_run("r1", "kfp-123", {}) == parent, "a retried prerequisites task reuses the run"

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from tuneloop.config import RunConfig
-from tuneloop.monitor.feedback import FeedbackStore
+from tuneloop.monitor.feedback import FeedbackStore, check_request_fields
 from tuneloop.monitor.service import MAX_BODY_BYTES, add_feedback_route, error, feedback_score, read_json  # noqa: F401
 
 log = logging.getLogger("tuneloop.gateway")
@@ -254,6 +254,12 @@ def create_app(gw: Gateway) -> FastAPI:
         except (ValueError, TypeError) as e:
             return error(400, str(e))
         user = str(body.get("user") or (request.client.host if request.client else "anonymous"))
+        meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+        slice_ = str(meta.get("slice", ""))
+        try:
+            check_request_fields(user_id=user, slice=slice_)
+        except ValueError as e:
+            return error(400, str(e).replace("`user_id`", "`user`").replace("`slice`", "`metadata.slice`"))
         try:
             variant = gw.route(user, body.get("model"))
         except KeyError:
@@ -273,14 +279,12 @@ def create_app(gw: Gateway) -> FastAPI:
         gw.m_requests.labels(variant.version, variant.role, status).inc()
         gw.m_latency.labels(variant.version, variant.role).observe(latency)
         gw.m_tokens.labels(variant.version, variant.role).inc(c_tok)
-        meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
         gw.store.log_request(request_id=rid, user_id=user, model_version=variant.version, variant=variant.role,
-                             slice=str(meta.get("slice", "")), prompt=messages[-1]["content"], output=text,
+                             slice=slice_, prompt=messages[-1]["content"], output=text,
                              status=status, latency_ms=latency * 1000)
         shadow = gw.variants.get("shadow")
         if shadow is not None:  # mirror: answer in the background, log it, never return it
-            asyncio.get_running_loop().run_in_executor(None, gw.mirror, shadow, messages, max_tokens, user,
-                                                       str(meta.get("slice", "")))
+            asyncio.get_running_loop().run_in_executor(None, gw.mirror, shadow, messages, max_tokens, user, slice_)
         if status == "error":
             return error(500, f"model {variant.version} failed: {err}")
         return JSONResponse({

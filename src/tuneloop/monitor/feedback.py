@@ -9,13 +9,18 @@ version that produced the answer.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Float, Integer, String, Text, create_engine, insert, select
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+
+log = logging.getLogger("tuneloop.feedback")
 
 
 class _Base(DeclarativeBase):
@@ -45,6 +50,16 @@ class Feedback(_Base):
     correction: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+def check_request_fields(**fields: str) -> None:
+    """ValueError naming the field when a value is longer than its column allows (Postgres
+    enforces the lengths; sqlite would not), so a bad value is refused at the API rather than
+    failing the write of a whole batch later."""
+    for name, value in fields.items():
+        limit = Request.__table__.c[name].type.length
+        if limit is not None and len(value) > limit:
+            raise ValueError(f"`{name}` is {len(value)} characters; the limit is {limit}")
+
+
 def _url(db: str | Path) -> str:
     s = str(db)
     return s if "://" in s else f"sqlite:///{Path(s).resolve()}"
@@ -58,6 +73,8 @@ class FeedbackStore:
     they are stored."""
 
     FLUSH_EVERY_S = 0.05
+    RETRY_S = 1.0  # after a failed write (database unreachable), the writer tries again this much later
+    MAX_UNWRITTEN = 100_000  # rows kept in memory while the database is unreachable
 
     def __init__(self, db: str | Path, scrubber: Any | None = None) -> None:
         if "://" not in str(db):
@@ -68,6 +85,9 @@ class FeedbackStore:
         self._queue: list[dict[str, Any]] = []
         self._lock = threading.Lock()  # guards _queue only
         self._write_lock = threading.Lock()
+        self._unwritten: list[dict[str, Any]] = []  # scrubbed rows a failed write left behind
+        self.rejected = 0  # rows the database refused (each logged with its request id)
+        self.dropped = 0  # rows given up on because the database stayed unreachable too long
         self._scrub_lock = threading.Lock()
         self._wake = threading.Event()
         self._writer: threading.Thread | None = None
@@ -93,7 +113,13 @@ class FeedbackStore:
             self._wake.wait()
             time.sleep(self.FLUSH_EVERY_S)  # gather a batch
             self._wake.clear()
-            self.flush()
+            try:
+                self.flush()
+            except Exception as e:  # noqa: BLE001 - the writer must outlive a database outage
+                log.warning("request log: write failed, %d rows kept, retrying in %.0f s: %s",
+                            len(self._unwritten), self.RETRY_S, e)
+                time.sleep(self.RETRY_S)
+                self._wake.set()
 
     def flush(self) -> None:
         """Write everything queued so far. The queue lock is held only to take the batch, so the
@@ -102,12 +128,36 @@ class FeedbackStore:
         with self._write_lock:
             with self._lock:
                 batch, self._queue = self._queue, []
-            if not batch:
+            rows = self._unwritten + [{**f, "prompt": self._scrub(f["prompt"]) or "",
+                                       "output": self._scrub(f["output"]) or ""} for f in batch]
+            self._unwritten = []
+            if not rows:
                 return
-            rows = [{**f, "prompt": self._scrub(f["prompt"]) or "", "output": self._scrub(f["output"]) or ""}
-                    for f in batch]
-            with self.engine.begin() as conn:  # one executemany: far cheaper than ORM objects per row
-                conn.execute(insert(Request.__table__), rows)
+            try:
+                with self.engine.begin() as conn:  # one executemany: far cheaper than ORM objects per row
+                    conn.execute(insert(Request.__table__), rows)
+            except OperationalError:  # unreachable or locked: keep the rows (bounded) for the next flush
+                self._unwritten = rows[-self.MAX_UNWRITTEN:]
+                if len(rows) > self.MAX_UNWRITTEN:
+                    self.dropped += len(rows) - self.MAX_UNWRITTEN
+                    log.error("request log: database unreachable; gave up on the %d oldest rows",
+                              len(rows) - self.MAX_UNWRITTEN)
+                raise
+            except DBAPIError:  # the database refused a row: write them one by one, name each bad one
+                self._insert_each(rows)
+
+    def _insert_each(self, rows: list[dict[str, Any]]) -> None:
+        for i, row in enumerate(rows):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(insert(Request.__table__), [row])
+            except OperationalError:
+                self._unwritten = rows[i:]
+                raise
+            except DBAPIError as e:
+                self.rejected += 1
+                log.error("request log: request %s refused by the database, not stored: %s",
+                          row.get("request_id"), str(e.orig).strip().splitlines()[0])
 
     def add_feedback(self, request_id: str, score: float | None = None, correction: str | None = None) -> bool:
         """Attach feedback to a logged request; False if the request is unknown."""

@@ -10,6 +10,7 @@ and the users' feedback, in Postgres (or sqlite), PII-scrubbed before anything i
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -17,10 +18,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 
-from tuneloop.monitor.feedback import FeedbackStore
+from tuneloop.monitor.feedback import FeedbackStore, check_request_fields
 
+log = logging.getLogger("tuneloop.feedback")
 MAX_BODY_BYTES = 256 * 1024
+VARIANTS = ("champion", "canary", "shadow")
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -77,9 +81,13 @@ def add_feedback_route(app: FastAPI, store: FeedbackStore,
             return error(413, str(e))
         except ValueError as e:
             return error(400, str(e))
-        if not store.add_feedback(body["request_id"], score, corr):
-            return error(404, f"unknown request_id {body['request_id']!r}")
-        served_by = store.served_by(body["request_id"]) if score is not None and on_score else None
+        try:
+            if not store.add_feedback(body["request_id"], score, corr):
+                return error(404, f"unknown request_id {body['request_id']!r}")
+            served_by = store.served_by(body["request_id"]) if score is not None and on_score else None
+        except OperationalError as e:  # the database is down or locked: the client may retry
+            log.error("feedback for %s not stored: %s", body["request_id"], e)
+            return error(503, "the feedback store is unavailable; try again")
         if served_by is not None and on_score is not None and score is not None:
             on_score(*served_by, score)
         return JSONResponse({"status": "recorded"})
@@ -117,10 +125,18 @@ def create_feedback_service(store: FeedbackStore, pending_limit: int = 10_000) -
         if ce_type.endswith(".request"):
             # each revision's logger URL carries its version and variant (deploy/kserve.py)
             q = request.query_params
-            pending[ce_id] = {"prompt": _chat_text(body, "request"), "created": time.time(),
-                              "user_id": str(body.get("user", "")) if isinstance(body, dict) else "",
-                              "model_version": q.get("version") or request.headers.get("ce-inferenceservicename", ""),
-                              "variant": q.get("variant") or "champion"}
+            half = {"prompt": _chat_text(body, "request"), "created": time.time(),
+                    "user_id": str(body.get("user", "")) if isinstance(body, dict) else "",
+                    "model_version": q.get("version") or request.headers.get("ce-inferenceservicename", ""),
+                    "variant": q.get("variant") or "champion"}
+            try:
+                if half["variant"] not in VARIANTS:
+                    raise ValueError(f"`variant` must be one of {', '.join(VARIANTS)}, not {half['variant']!r}")
+                check_request_fields(request_id=ce_id, user_id=half["user_id"], model_version=half["model_version"])
+            except ValueError as e:
+                log.warning("KServe event %.80s refused: %s", ce_id, e)
+                return error(400, str(e).replace("`request_id`", "ce-id"))
+            pending[ce_id] = half
             while len(pending) > pending_limit:
                 pending.popitem(last=False)
             return JSONResponse({"status": "pending"})
