@@ -127,6 +127,8 @@ def test_gateway_request_log_on_postgres(postgres, tmp_path, tiny_model_dir, mon
     [row] = gw.store.rows()
     assert (row["request_id"], row["slice"], row["output"], row["score"]) == (rid, "ticket_routing", "shipping", 0.0)
     assert [r["request_id"] for r in gw.store.requests()] == [rid], "refused requests are not logged"
+    metrics = c.get("/metrics").text
+    assert "tuneloop_request_log_rejected_total 0.0" in metrics and "tuneloop_request_log_backlog 0.0" in metrics
 
 
 def test_request_log_keeps_rows_through_a_refused_row_and_an_outage(postgres, caplog):
@@ -158,6 +160,7 @@ def test_request_log_keeps_rows_through_a_refused_row_and_an_outage(postgres, ca
         while "write failed" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.1)
         assert "write failed, 2 rows kept" in caplog.text, caplog.text
+        assert store.backlog == 2
         admin.execute("ALTER DATABASE request_log ALLOW_CONNECTIONS true")
     check = create_engine(db)  # a separate reader: the writer thread must do this on its own
     deadline = time.monotonic() + 30

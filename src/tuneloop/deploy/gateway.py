@@ -70,6 +70,24 @@ class Variant:
     backend: Backend
 
 
+class RequestLogCollector:
+    """The request log's health on /metrics: rows the database refused, rows given up on
+    during an outage, rows waiting to be written (alert on a backlog that keeps growing)."""
+
+    def __init__(self, store: FeedbackStore) -> None:
+        self.store = store
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        yield CounterMetricFamily("tuneloop_request_log_rejected", "Logged requests the database refused "
+                                  "(each named in the gateway's log)", value=self.store.rejected)
+        yield CounterMetricFamily("tuneloop_request_log_dropped", "Logged requests given up on while the "
+                                  "database was unreachable", value=self.store.dropped)
+        yield GaugeMetricFamily("tuneloop_request_log_backlog", "Logged requests not yet written",
+                                value=self.store.backlog)
+
+
 def in_canary(user_id: str, percent: int) -> bool:
     """Sticky split: a user id always lands on the same side for a given percentage."""
     return int(hashlib.sha256(user_id.encode()).hexdigest()[:8], 16) % 100 < percent
@@ -99,6 +117,7 @@ class Gateway:
         self.m_tokens = Counter("tuneloop_completion_tokens", "Generated tokens", labels, registry=self.metrics)
         self.m_feedback = Histogram("tuneloop_feedback_score", "Feedback score (0 bad .. 1 good)", labels,
                                     registry=self.metrics, buckets=(0, .25, .5, .75, 1))
+        self.metrics.register(RequestLogCollector(self.store))
 
     # -- models --
     def load_backend(self, version: str | None) -> Backend:

@@ -92,6 +92,11 @@ class FeedbackStore:
         self._wake = threading.Event()
         self._writer: threading.Thread | None = None
 
+    @property
+    def backlog(self) -> int:
+        """Rows waiting to be written (queued, or kept through a failed write)."""
+        return len(self._queue) + len(self._unwritten)
+
     def _scrub(self, text: str | None) -> str | None:
         if self.scrubber is None or not text:
             return text
