@@ -135,13 +135,14 @@ def test_workloads_run_as_documented(rendered):
     env, objs = rendered
     deployments = {o["metadata"]["name"]: o for o in by_kind(objs, "Deployment")}
     feedback = deployments["tuneloop-feedback"]["spec"]["template"]["spec"]["containers"][0]
-    assert feedback["command"] + feedback["args"] == [
-        "tuneloop", "feedback-service", "--database-url", "$(DATABASE_URL)", "--port", "8080"]
+    assert feedback["command"] + feedback["args"] == ["tuneloop", "feedback-service", "--port", "8080"]
+    assert "DATABASE_URL" in {e["name"] for e in feedback["env"]}, "the URL comes from the env, not the args"
     assert feedback["readinessProbe"]["httpGet"]["path"] == "/healthz"
     mlflow = deployments["tuneloop-mlflow"]["spec"]["template"]["spec"]["containers"][0]
     assert "--app-name basic-auth" in mlflow["args"][0]
     env_names = {e["name"] for e in mlflow["env"]}
-    assert {"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_BACKEND_STORE_URI"} <= env_names
+    assert {"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+            "MLFLOW_BACKEND_STORE_URI"} <= env_names
     (cron,) = by_kind(objs, "CronJob")
     monitor = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     assert monitor["command"] == ["tuneloop", "monitor", "/etc/tuneloop/config.yaml"]
@@ -244,3 +245,144 @@ def test_tracking_uri_defaults_to_the_chart_mlflow():
     (cm,) = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"] == "tuneloop-config"]
     cfg = yaml.safe_load(cm["data"]["config.yaml"])
     assert cfg["registry"]["tracking_uri"] == "http://tuneloop-mlflow.tuneloop.svc.cluster.local:5000"
+
+
+# -- the chart's own service commands, run for real on this machine ------------------------------
+# The prod values rendered by Helm; each container's command, args and env taken from the rendered
+# Deployment as the kubelet would run them (Secrets filled in, $(VAR) expanded), on loopback
+# against a real Postgres and moto's S3 server standing in for the cluster's database and bucket.
+
+
+def _container(objs: list[dict], deployment: str) -> dict:
+    [dep] = [o for o in by_kind(objs, "Deployment") if o["metadata"]["name"].endswith(deployment)]
+    return dep["spec"]["template"]["spec"]["containers"][0]
+
+
+def _env(container: dict, secrets: dict[str, str], overrides: dict[str, str]) -> dict[str, str]:
+    import os
+    import sys
+
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the image's venv is on PATH
+    for e in container["env"]:
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        else:
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[e["name"]] = secrets[f"{ref['name']}/{ref['key']}"]
+    env.update(overrides)
+    return env
+
+
+def _start(argv: list[str], env: dict[str, str], url: str, health: str, log: Path):  # noqa: ANN202
+    import subprocess
+    import time
+
+    import httpx
+
+    proc = subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{argv[0]} exited {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}{health}", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"{argv[0]} did not answer in 120 s: {log.read_text()[-3000:]}")
+
+
+def test_prod_mlflow_server_runs_as_rendered_on_postgres_s3_and_basic_auth(postgres, s3_server, tmp_path,
+                                                                          tiny_model_dir):
+    import boto3
+    import httpx
+    from conftest import free_port, tiny_config
+
+    from tuneloop.config import load_config
+    from tuneloop.registry import TAG_PIPELINE_RUN, Registry
+
+    objs = render(env_values("prod"))
+    c = _container(objs, "-mlflow")
+    secrets = {"tuneloop-mlflow-db/backend-store-uri": postgres("mlflow_prod"),
+               "tuneloop-mlflow-db/auth-database-uri": postgres("mlflow_prod_auth"),
+               "tuneloop-mlflow-s3/AWS_ACCESS_KEY_ID": "testing", "tuneloop-mlflow-s3/AWS_SECRET_ACCESS_KEY": "testing",
+               "tuneloop-mlflow-auth/username": "platform-admin", "tuneloop-mlflow-auth/password": "not-a-real-secret-1",
+               "tuneloop-mlflow-auth/flask-secret-key": "not-a-real-key-0123456789abcdef"}
+    bucket = env_values("prod")["mlflow"]["artifacts"]["destination"].removeprefix("s3://").split("/")[0]
+    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket=bucket)
+    # what differs from the pod: the S3 endpoint (moto instead of AWS), the port, and where the auth
+    # ini is written (the pod's /tmp is its own emptyDir)
+    env = _env(c, secrets, {"MLFLOW_S3_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1",
+                            "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini")})
+    port = free_port()
+    script = c["args"][0]
+    for old, new in (("--host 0.0.0.0 --port 5000", f"--host 127.0.0.1 --port {port}"),
+                     ("> /tmp/basic_auth.ini", f"> {tmp_path / 'basic_auth.ini'}")):
+        assert old in script, f"the rendered MLflow command no longer has {old!r}"
+        script = script.replace(old, new)
+    url = f"http://127.0.0.1:{port}"
+    proc = _start([*c["command"], script], env, url, "/health", tmp_path / "mlflow.log")
+    try:
+        r = httpx.get(f"{url}/api/2.0/mlflow/experiments/search", params={"max_results": 1})
+        assert r.status_code == 401, "prod MLflow must refuse anonymous requests"
+        cfg = load_config(tiny_config(tmp_path, tiny_model_dir, registry__tracking_uri=url))
+        import os
+
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = \
+            "platform-admin", "not-a-real-secret-1"
+        try:
+            reg = Registry(cfg)
+            parent = reg.start_pipeline_run("prod-1", "kfp-prod-1", {})
+            adapter = tmp_path / "adapter"
+            adapter.mkdir()
+            (adapter / "adapter_config.json").write_text('{"r": 8}')
+            with reg.stage_run(parent, "register") as rid:
+                mv = reg.register(rid, adapter, {TAG_PIPELINE_RUN: parent})
+            reg.set_alias("champion", mv.version)
+            got = reg.download_adapter(reg.alias_version("champion"), tmp_path / "cache")
+            assert (got / "adapter_config.json").read_text() == '{"r": 8}'
+        finally:
+            del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+        keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing",
+                                               aws_secret_access_key="testing", region_name="us-east-1")
+                .list_objects_v2(Bucket=bucket).get("Contents", [])]
+        assert any(k.endswith("adapter_config.json") for k in keys), f"artifacts did not land in S3: {keys}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_prod_feedback_service_runs_as_rendered_on_postgres(postgres, tmp_path):
+    import re as _re
+
+    import httpx
+    from conftest import free_port
+
+    from tuneloop.monitor.feedback import FeedbackStore
+
+    c = _container(render(env_values("prod")), "-feedback")
+    db = postgres("feedback_prod")
+    env = _env(c, {"tuneloop-feedback-db/database-url": db}, {})
+    argv = [*c["command"], *(_re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in c["args"])]
+    assert not any(db in a for a in argv), "the database URL must not be on the command line"
+    port = free_port()
+    i = argv.index("--port")
+    argv[i + 1: i + 2] = [str(port), "--host", "127.0.0.1"]
+    url = f"http://127.0.0.1:{port}"
+    proc = _start(argv, env, url, "/healthz", tmp_path / "feedback.log")
+    try:
+        h = {"ce-id": "ev-1", "ce-inferenceservicename": "tuneloop"}
+        httpx.post(f"{url}/v1/kserve-events", params={"version": "2", "variant": "canary"},
+                   headers={**h, "ce-type": "org.kubeflow.serving.inference.request"},
+                   json={"messages": [{"role": "user", "content": "refund please"}]}).raise_for_status()
+        httpx.post(f"{url}/v1/kserve-events", headers={**h, "ce-type": "org.kubeflow.serving.inference.response"},
+                   json={"choices": [{"message": {"content": "billing"}}]}).raise_for_status()
+        httpx.post(f"{url}/v1/feedback", json={"request_id": "ev-1", "rating": 5}).raise_for_status()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    [row] = FeedbackStore(db).rows()
+    assert (row["model_version"], row["variant"], row["output"], row["score"]) == ("2", "canary", "billing", 1.0)

@@ -128,7 +128,7 @@ checkov.io/skip{{ $n }}: CKV_K8S_15=release tags are never rebuilt, so IfNotPres
 {{- end }}
 {{- if .secretsInEnv }}
 {{- $n = add1 $n }}
-checkov.io/skip{{ $n }}: CKV_K8S_35=mlflow server, boto3 and the feedback service's --database-url read credentials from env only; they come from secretKeyRef
+checkov.io/skip{{ $n }}: CKV_K8S_35=mlflow server, boto3 and the feedback service (DATABASE_URL) read credentials from env only; they come from secretKeyRef
 {{- end }}
 {{- end -}}
 
