@@ -16,11 +16,11 @@ from tuneloop import components as c
 from tuneloop.config import PlatformConfig, TaskResources
 
 PIPELINE_NAME = "tuneloop-continuous-training"
-STATE_MOUNT = "/var/lib/tuneloop"  # where platform.state_pvc is mounted; a cluster config's state_dir
+STATE_MOUNT = "/var/lib/tuneloop"  # state_dir of the committed YAML's tasks (no config at compile time)
 
 
 def _place(task: dsl.PipelineTask, res: TaskResources, platform: PlatformConfig, timeout_s: int,
-           retries: bool, accelerators: int = 0) -> None:
+           retries: bool, accelerators: int, state_dir: str) -> None:
     task.set_cpu_limit(res.cpu).set_memory_limit(res.memory)
     if res.accelerator_type and accelerators:
         task.set_accelerator_type(res.accelerator_type).set_accelerator_limit(accelerators)
@@ -29,7 +29,7 @@ def _place(task: dsl.PipelineTask, res: TaskResources, platform: PlatformConfig,
     for t in res.tolerations:
         kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
     if platform.state_pvc:
-        kubernetes.mount_pvc(task, pvc_name=platform.state_pvc, mount_path=STATE_MOUNT)
+        kubernetes.mount_pvc(task, pvc_name=platform.state_pvc, mount_path=state_dir)
     for s in platform.secrets:
         kubernetes.use_secret_as_env(task, s.secret, {s.key: s.name})
     kubernetes.set_timeout(task, timeout_s)
@@ -39,18 +39,20 @@ def _place(task: dsl.PipelineTask, res: TaskResources, platform: PlatformConfig,
 
 
 def build_pipeline(platform: PlatformConfig, train_timeout_minutes: int = 120,  # noqa: ANN201 - a KFP pipeline
-                   nproc_per_node: int = 2):
+                   nproc_per_node: int = 2, state_dir: str = STATE_MOUNT):
+    """The DAG with `platform`'s settings; the state volume is mounted at `state_dir` in every
+    task, as the training pods mount it (train/launch.py), so one path means one file everywhere."""
     t_task = platform.task_timeout_minutes * 60
     gpus = platform.gpu_tasks.accelerators if platform.gpu_tasks.accelerators is not None else nproc_per_node
     t_train = train_timeout_minutes * 60 + 600  # the launcher's own timeout fires first
 
     def cpu(task: dsl.PipelineTask, network: bool = True) -> dsl.PipelineTask:
-        _place(task, platform.cpu_tasks, platform, t_task, network, platform.cpu_tasks.accelerators or 0)
+        _place(task, platform.cpu_tasks, platform, t_task, network, platform.cpu_tasks.accelerators or 0, state_dir)
         return task
 
     def gpu(task: dsl.PipelineTask, timeout_s: int) -> dsl.PipelineTask:
         # retried too: a preempted training task resumes from its newest complete checkpoint
-        _place(task, platform.gpu_tasks, platform, timeout_s, True, gpus)
+        _place(task, platform.gpu_tasks, platform, timeout_s, True, gpus, state_dir)
         return task
 
     @dsl.pipeline(name=PIPELINE_NAME,

@@ -482,10 +482,15 @@ def print_summary(s: dict[str, Any], cfg: Any) -> None:
 
 
 def main() -> None:
+    from tuneloop.config import ConfigError
+
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except ConfigError as e:  # found after loading, e.g. a cluster config's paths at compile/submit time
+        typer.echo(f"invalid config\n{e}", err=True)  # unwrapped: the message carries paths
+        sys.exit(2)
 
 
 if __name__ == "__main__":

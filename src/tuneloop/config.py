@@ -592,7 +592,9 @@ class PlatformConfig(_Strict):
 
     state_pvc: str | None = Field(
         "tuneloop-state", description="PersistentVolumeClaim mounted at `state_dir` in every task: durable storage "
-                                      "for checkpoints, the model cache and the local stores. null mounts nothing.")
+                                      "for checkpoints, the model cache and the local stores; state_dir must then "
+                                      "be absolute and hold every local path the tasks read (compile, submit and "
+                                      "schedule check it). null mounts nothing.")
     cpu_tasks: TaskResources = Field(default_factory=TaskResources,
                                      description="Pods of the CPU stages (ingest, validate, register, deploy, ...).")
     gpu_tasks: TaskResources = Field(default_factory=_gpu_tasks,

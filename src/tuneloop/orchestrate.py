@@ -31,8 +31,34 @@ def pipeline_for(cfg: RunConfig | None):  # noqa: ANN201 - a KFP pipeline
     """The pipeline with a config's platform settings (the default platform without a config)."""
     from tuneloop.pipelines.continuous_training import build_pipeline, continuous_training
 
-    return continuous_training if cfg is None else build_pipeline(cfg.platform, cfg.train.timeout_minutes,
-                                                                  cfg.train.nproc_per_node)
+    if cfg is None:
+        return continuous_training
+    check_cluster_paths(cfg)
+    return build_pipeline(cfg.platform, cfg.train.timeout_minutes, cfg.train.nproc_per_node, cfg.state_dir)
+
+
+def check_cluster_paths(cfg: RunConfig) -> None:
+    """A cluster run's tasks see the state volume (platform.state_pvc) at state_dir and nothing
+    else of the submitting machine: every local path the tasks read must lie below state_dir.
+    ConfigError naming the first key that does not."""
+    from pathlib import PurePosixPath
+
+    from tuneloop.config import ConfigError
+
+    if not cfg.platform.state_pvc:
+        return
+    state = PurePosixPath(cfg.state_dir)
+    if not state.is_absolute():
+        raise ConfigError(f"state_dir: {cfg.state_dir!r} must be an absolute path on a cluster: platform.state_pvc "
+                          "is mounted there in every task")
+    paths = [("base_model.path", cfg.base_model.path)]
+    paths += [(f"data.sources[{i}].path", s.path) for i, s in enumerate(cfg.data.sources)]
+    paths += [(f"data.eval[{i}].path", s.path) for i, s in enumerate(cfg.data.eval)]
+    paths += [("deploy.canary.traffic_file", cfg.deploy.canary.traffic_file)]
+    for key, p in paths:
+        if p and p.startswith("/") and state not in PurePosixPath(p).parents:
+            raise ConfigError(f"{key}: {p} is not below state_dir {cfg.state_dir}; the pipeline's tasks only see "
+                              f"the state volume ({cfg.platform.state_pvc}), mounted at state_dir")
 
 
 def compile_pipeline(out: Path, cfg: RunConfig | None = None) -> Path:

@@ -81,11 +81,17 @@ def test_upload_needs_a_host():
     assert result.exit_code == 2
 
 
-def test_schedule_replace_keeps_one_recurring_run(kfp_client):
+def test_schedule_replace_keeps_one_recurring_run(kfp_client, tmp_path, tiny_model_dir):
+    import shutil
+
+    from conftest import tiny_config
+
+    # cluster-shaped: the model and the data lie on the state volume, mounted at state_dir
+    cfg = tiny_config(tmp_path, shutil.copytree(tiny_model_dir, tmp_path / "models" / "base"), state_dir=str(tmp_path))
     runner = CliRunner()
     for cron in ("0 0 3 * * *", "0 30 4 * * *"):
-        r = runner.invoke(app, ["schedule", "--host", "http://kfp:8888", "--cron", cron, "--job-name", "nightly",
-                                "--replace"])
+        r = runner.invoke(app, ["schedule", str(cfg), "--host", "http://kfp:8888", "--cron", cron,
+                                "--job-name", "nightly", "--replace"])
         assert r.exit_code == 0, r.output
     assert [r.display_name for r in kfp_client.recurring] == ["nightly"]
     assert ("delete_recurring_run", "rr-1") in kfp_client.calls
