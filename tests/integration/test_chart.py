@@ -226,6 +226,8 @@ def test_schema_refuses_an_unknown_key():
     ({"pipeline": {"schedule": {"enabled": True, "cron": "0 3 * * *"}}}, "wants 6 fields"),
     ({"rbac": {"pipelineServiceAccounts": []}}, "rbac.pipelineServiceAccounts is empty"),
     ({"stateVolume": {"existingClaim": ""}}, "stateVolume.existingClaim is empty"),
+    ({"runConfig": {"state_dir": "/mnt/tuneloop/state"}}, "runConfig.state_dir (/mnt/tuneloop/state) must be "
+                                                          "stateVolume.mountPath (/mnt/tuneloop)"),
 ])
 def test_fail_guards_refuse_impossible_combinations(change, message):
     import helm_python as helm
@@ -386,3 +388,68 @@ def test_prod_feedback_service_runs_as_rendered_on_postgres(postgres, tmp_path):
         proc.wait(30)
     [row] = FeedbackStore(db).rows()
     assert (row["model_version"], row["variant"], row["output"], row["score"]) == ("2", "canary", "billing", 1.0)
+
+
+def _release_config(objs: list[dict], tmp_path: Path):  # noqa: ANN202 - the RunConfig of the ConfigMap
+    from tuneloop.config import load_config
+
+    (cm,) = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"] == "tuneloop-config"]
+    path = tmp_path / "config.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    return load_config(path)
+
+
+def test_release_pipeline_and_monitor_reach_the_release_services(rendered, tmp_path):
+    """What the chart installs fits together: the pipeline compiled from the release's run config
+    (as the upload Job does) mounts the state volume at state_dir in every task and carries the
+    MLflow credentials and the feedback database as env; the monitor reads the same store; KServe's
+    payload logger posts to the chart's feedback service."""
+    import jsonschema
+
+    from tuneloop.deploy import kserve
+    from tuneloop.orchestrate import compile_pipeline
+
+    env, objs = rendered
+    values = env_values(env)
+    cfg = _release_config(objs, tmp_path)
+    claim, mount = values["stateVolume"]["existingClaim"], cfg.state_dir
+    feedback_secret = values.get("feedback", {}).get("database", {}).get("existingSecret")
+
+    job_script = by_kind(objs, "Job")[0]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "tuneloop compile --config /etc/tuneloop/config.yaml --out /tmp/pipeline.yaml" in job_script
+    assert "--package /tmp/pipeline.yaml" in job_script
+    out = compile_pipeline(tmp_path / "pipeline.yaml", cfg)
+    executors = list(yaml.safe_load_all(out.read_text()))[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name, spec in executors.items():
+        [pvc] = spec["pvcMount"]
+        assert (pvc["constant"], pvc["mountPath"]) == (claim, mount), name
+        envs = {e["envVar"]: (s["secretName"], e["secretKey"]) for s in spec["secretAsEnv"] for e in s["keyToEnv"]}
+        assert envs["MLFLOW_TRACKING_USERNAME"] == ("tuneloop-mlflow-auth", "username"), name
+        assert envs["MLFLOW_TRACKING_PASSWORD"] == ("tuneloop-mlflow-auth", "password"), name
+        if feedback_secret:
+            assert envs[cfg.deploy.feedback_store_env] == (feedback_secret, "database-url"), name
+
+    (cron,) = by_kind(objs, "CronJob")
+    monitor = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    monitor_env = {e["name"]: e for e in monitor["containers"][0]["env"]}
+    assert [m["mountPath"] for m in monitor["containers"][0]["volumeMounts"] if m["name"] == "state"] == [mount]
+    feedback = _container(objs, "-feedback")
+    if feedback_secret:  # Postgres: the monitor reads the same database the service writes
+        assert monitor_env[cfg.deploy.feedback_store_env]["valueFrom"]["secretKeyRef"]["name"] == feedback_secret
+    else:  # sqlite on the state volume, where the pipeline's ingest and the monitor look by default
+        assert cfg.deploy.feedback_store_env is None
+        url = {e["name"]: e for e in feedback["env"]}["DATABASE_URL"]["value"]
+        assert url == f"sqlite:///{cfg.state_path / 'feedback.db'}"
+        assert {"name": "data", "mountPath": mount} in feedback["volumeMounts"]
+
+    isvc = kserve.inference_service(cfg, "3", kserve.storage_uri("mlflow-artifacts:/1/abc/artifacts/adapter", cfg)
+                                    if cfg.deploy.kserve.artifact_store_uri else "pvc://x/adapter", 10)
+    crd = yaml.safe_load((ROOT / "tests" / "crds" / "serving.kserve.io_inferenceservices.yaml").read_text())
+    jsonschema.validate(isvc, next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")
+                        ["schema"]["openAPIV3Schema"])
+    logger = isvc["spec"]["predictor"]["logger"]["url"]
+    (svc,) = [o for o in by_kind(objs, "Service") if o["metadata"]["name"] == "tuneloop-feedback"]
+    assert logger.startswith(f"http://{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local:"
+                             f"{svc['spec']['ports'][0]['port']}/v1/kserve-events"), logger
+    assert isvc["metadata"]["namespace"] == svc["metadata"]["namespace"]
+    assert isvc["spec"]["predictor"]["storageUris"][0]["uri"] == f"pvc://{claim}/models/base"

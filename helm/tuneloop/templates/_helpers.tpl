@@ -74,14 +74,73 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "http://%s-feedback.%s.svc.cluster.local:%d" (include "tuneloop.fullname" .) .Release.Namespace (int .Values.feedback.service.port) -}}
 {{- end -}}
 
-{{/* The run config as stored in the ConfigMap: registry.tracking_uri defaults to the chart's MLflow */}}
+{{/* Env var through which the pipeline's tasks and the monitor reach the Postgres feedback store */}}
+{{- define "tuneloop.feedbackStoreEnv" -}}
+{{- default "TUNELOOP_FEEDBACK_DB" (get (default dict (get .Values.runConfig "deploy")) "feedback_store_env") -}}
+{{- end -}}
+
+{{/*
+The run config as stored in the ConfigMap, wired to this release where runConfig leaves a key out:
+- registry.tracking_uri: the chart's MLflow;
+- platform.state_pvc: stateVolume.existingClaim (mounted at state_dir in every pipeline task);
+- platform.secrets: the MLflow credentials (basic auth) and the feedback database URL, as env;
+- deploy.feedback_store_env: that env var, when the feedback store is Postgres;
+- deploy.namespace: the release namespace; deploy.kserve.feedback_url: the chart's feedback
+  service; deploy.kserve.artifact_store_uri: MLflow's s3:// artifact destination;
+  deploy.kserve.base_model_uri: base_model.path on the state volume (pvc://).
+*/}}
 {{- define "tuneloop.runConfig" -}}
-{{- $cfg := deepCopy .Values.runConfig -}}
+{{- $v := .Values -}}
+{{- $cfg := deepCopy $v.runConfig -}}
 {{- $registry := default dict (get $cfg "registry") -}}
-{{- if and .Values.mlflow.enabled (not (get $registry "tracking_uri")) -}}
+{{- if and $v.mlflow.enabled (not (get $registry "tracking_uri")) -}}
 {{- $_ := set $registry "tracking_uri" (include "tuneloop.mlflowUrl" .) -}}
 {{- end -}}
 {{- $_ := set $cfg "registry" $registry -}}
+{{- $platform := default dict (get $cfg "platform") -}}
+{{- if not (hasKey $platform "state_pvc") -}}
+{{- $_ := set $platform "state_pvc" (default nil $v.stateVolume.existingClaim) -}}
+{{- end -}}
+{{- $secrets := default list (get $platform "secrets") -}}
+{{- $names := list -}}
+{{- range $secrets }}{{ $names = append $names .name }}{{ end -}}
+{{- if and $v.mlflow.enabled $v.mlflow.auth.enabled -}}
+{{- if not (has "MLFLOW_TRACKING_USERNAME" $names) -}}
+{{- $secrets = append $secrets (dict "name" "MLFLOW_TRACKING_USERNAME" "secret" $v.mlflow.auth.existingSecret "key" $v.mlflow.auth.usernameKey) -}}
+{{- end -}}
+{{- if not (has "MLFLOW_TRACKING_PASSWORD" $names) -}}
+{{- $secrets = append $secrets (dict "name" "MLFLOW_TRACKING_PASSWORD" "secret" $v.mlflow.auth.existingSecret "key" $v.mlflow.auth.passwordKey) -}}
+{{- end -}}
+{{- end -}}
+{{- $deploy := default dict (get $cfg "deploy") -}}
+{{- if and $v.feedback.enabled $v.feedback.database.existingSecret -}}
+{{- $env := include "tuneloop.feedbackStoreEnv" . -}}
+{{- $_ := set $deploy "feedback_store_env" $env -}}
+{{- if not (has $env $names) -}}
+{{- $secrets = append $secrets (dict "name" $env "secret" $v.feedback.database.existingSecret "key" $v.feedback.database.urlKey) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $platform "secrets" $secrets -}}
+{{- $_ := set $cfg "platform" $platform -}}
+{{- if not (get $deploy "namespace") -}}
+{{- $_ := set $deploy "namespace" .Release.Namespace -}}
+{{- end -}}
+{{- if eq (get $deploy "backend") "kserve" -}}
+{{- $ks := default dict (get $deploy "kserve") -}}
+{{- if and $v.feedback.enabled (not (get $ks "feedback_url")) -}}
+{{- $_ := set $ks "feedback_url" (include "tuneloop.feedbackUrl" .) -}}
+{{- end -}}
+{{- if and (not (get $ks "artifact_store_uri")) (hasPrefix "s3://" (toString $v.mlflow.artifacts.destination)) -}}
+{{- $_ := set $ks "artifact_store_uri" $v.mlflow.artifacts.destination -}}
+{{- end -}}
+{{- $base := toString (get (default dict (get $cfg "base_model")) "path") -}}
+{{- $mount := trimSuffix "/" $v.stateVolume.mountPath -}}
+{{- if and (not (get $ks "base_model_uri")) $v.stateVolume.existingClaim (hasPrefix (printf "%s/" $mount) $base) -}}
+{{- $_ := set $ks "base_model_uri" (printf "pvc://%s/%s" $v.stateVolume.existingClaim (trimPrefix (printf "%s/" $mount) $base)) -}}
+{{- end -}}
+{{- $_ := set $deploy "kserve" $ks -}}
+{{- end -}}
+{{- $_ := set $cfg "deploy" $deploy -}}
 {{- toYaml $cfg -}}
 {{- end -}}
 
@@ -154,6 +213,9 @@ Called from every template that depends on them (the result is empty).
 {{- define "tuneloop.validate" -}}
 {{- $v := .Values -}}
 {{- $strict := has $v.environment (list "staging" "prod") -}}
+{{- if and $v.stateVolume.existingClaim (ne (trimSuffix "/" (toString $v.runConfig.state_dir)) (trimSuffix "/" $v.stateVolume.mountPath)) -}}
+{{- fail (printf "runConfig.state_dir (%s) must be stateVolume.mountPath (%s): the pipeline's tasks, the training pods and the monitor all mount the state volume at state_dir" (toString $v.runConfig.state_dir) $v.stateVolume.mountPath) -}}
+{{- end -}}
 {{- if and $v.mlflow.enabled $v.mlflow.auth.enabled (not $v.mlflow.auth.existingSecret) -}}
 {{- fail "mlflow.auth.enabled is true but mlflow.auth.existingSecret is empty: create a Secret with the admin username and password and name it there (or turn basic auth off, dev only)" -}}
 {{- end -}}
