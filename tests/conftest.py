@@ -67,6 +67,25 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def start_until_healthy(argv: list[str], health_url: str, log: Path, env: dict[str, str] | None = None,
+                        timeout_s: float = 120) -> subprocess.Popen:
+    """Start a server process (output to `log`) and wait until `health_url` answers 200; fails the
+    test with the log's tail if it exits or does not answer in time."""
+    proc = subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{' '.join(argv[:3])} exited {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(health_url, timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    pytest.fail(f"{' '.join(argv[:3])} did not answer {health_url} in {timeout_s:.0f} s: {log.read_text()[-3000:]}")
+
+
 def _pg_program(name: str) -> str | None:
     found = shutil.which(name)
     if found:

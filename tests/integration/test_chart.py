@@ -275,32 +275,11 @@ def _env(container: dict, secrets: dict[str, str], overrides: dict[str, str]) ->
     return env
 
 
-def _start(argv: list[str], env: dict[str, str], url: str, health: str, log: Path):  # noqa: ANN202
-    import subprocess
-    import time
-
-    import httpx
-
-    proc = subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{argv[0]} exited {proc.returncode}: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}{health}", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    pytest.fail(f"{argv[0]} did not answer in 120 s: {log.read_text()[-3000:]}")
-
-
 def test_prod_mlflow_server_runs_as_rendered_on_postgres_s3_and_basic_auth(postgres, s3_server, tmp_path,
                                                                           tiny_model_dir):
     import boto3
     import httpx
-    from conftest import free_port, tiny_config
+    from conftest import free_port, start_until_healthy, tiny_config
 
     from tuneloop.config import load_config
     from tuneloop.registry import TAG_PIPELINE_RUN, Registry
@@ -326,7 +305,7 @@ def test_prod_mlflow_server_runs_as_rendered_on_postgres_s3_and_basic_auth(postg
         assert old in script, f"the rendered MLflow command no longer has {old!r}"
         script = script.replace(old, new)
     url = f"http://127.0.0.1:{port}"
-    proc = _start([*c["command"], script], env, url, "/health", tmp_path / "mlflow.log")
+    proc = start_until_healthy([*c["command"], script], f"{url}/health", tmp_path / "mlflow.log", env)
     try:
         r = httpx.get(f"{url}/api/2.0/mlflow/experiments/search", params={"max_results": 1})
         assert r.status_code == 401, "prod MLflow must refuse anonymous requests"
@@ -361,7 +340,7 @@ def test_prod_feedback_service_runs_as_rendered_on_postgres(postgres, tmp_path):
     import re as _re
 
     import httpx
-    from conftest import free_port
+    from conftest import free_port, start_until_healthy
 
     from tuneloop.monitor.feedback import FeedbackStore
 
@@ -374,7 +353,7 @@ def test_prod_feedback_service_runs_as_rendered_on_postgres(postgres, tmp_path):
     i = argv.index("--port")
     argv[i + 1: i + 2] = [str(port), "--host", "127.0.0.1"]
     url = f"http://127.0.0.1:{port}"
-    proc = _start(argv, env, url, "/healthz", tmp_path / "feedback.log")
+    proc = start_until_healthy(argv, f"{url}/healthz", tmp_path / "feedback.log", env)
     try:
         h = {"ce-id": "ev-1", "ce-inferenceservicename": "tuneloop"}
         httpx.post(f"{url}/v1/kserve-events", params={"version": "2", "variant": "canary"},

@@ -4,15 +4,12 @@ started on loopback on sqlite and on a real Postgres (as the chart runs it on a 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import free_port, tiny_config
+from conftest import free_port, start_until_healthy, tiny_config
 
 pytestmark = pytest.mark.integration
 
@@ -20,24 +17,11 @@ pytestmark = pytest.mark.integration
 def _start_server(root: Path, backend_store_uri: str) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--backend-store-uri", backend_store_uri,
-                             "--artifacts-destination", str(root / "artifacts")],
-                            stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not become healthy in 120 s")
+    proc = start_until_healthy([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                                "--workers", "1", "--backend-store-uri", backend_store_uri,
+                                "--artifacts-destination", str(root / "artifacts")],
+                               f"{url}/health", root / "server.log", env)
     yield url
     proc.terminate()
     proc.wait(20)

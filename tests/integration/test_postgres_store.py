@@ -6,31 +6,17 @@ request log, and the writer keeping rows through a refused row and a database ou
 from __future__ import annotations
 
 import logging
-import subprocess
+import os
 import sys
 import time
 
 import httpx
 import pytest
-from conftest import free_port, tiny_config
+from conftest import free_port, start_until_healthy, tiny_config
 
 pytestmark = pytest.mark.integration
 
 ENV = "TUNELOOP_TEST_FEEDBACK_DB"
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log_path) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"feedback service exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    pytest.fail("feedback service did not answer in 60 s")
 
 
 def _admin(db_url: str):  # noqa: ANN202 - a psycopg connection to the server's maintenance database
@@ -54,11 +40,9 @@ def test_feedback_service_process_on_postgres_feeds_the_next_ingest(postgres, tm
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "service.log"
-    proc = subprocess.Popen([sys.executable, "-m", "tuneloop.cli", "feedback-service", "--host", "127.0.0.1",
-                             "--port", str(port)], env={**__import__("os").environ, "DATABASE_URL": db},
-                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    proc = start_until_healthy([sys.executable, "-m", "tuneloop.cli", "feedback-service", "--host", "127.0.0.1",
+                                "--port", str(port)], f"{url}/healthz", log_path, {**os.environ, "DATABASE_URL": db})
     try:
-        _wait_healthy(url, proc, log_path)
         prompt = "my parcel never arrived, write to jane.doe@example.com"
 
         def served(ce_id: str, version: str, variant: str, answer: str) -> None:

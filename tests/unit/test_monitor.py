@@ -117,3 +117,17 @@ def test_logging_never_waits_for_the_writer_and_readers_see_its_batch(tmp_path):
     reader.join(30)
     assert seen == [("1", "champion")]
     assert {r["request_id"] for r in store.requests()} == {"first", "second"}
+
+
+def test_the_queue_is_written_when_the_server_stops(tmp_path):
+    from tuneloop.monitor.feedback import FeedbackStore
+    from tuneloop.monitor.service import create_feedback_service
+
+    store = FeedbackStore(tmp_path / "fb.db")
+    store.FLUSH_EVERY_S = 3600  # the writer would not get to it: only the shutdown flush can
+    with TestClient(create_feedback_service(store)):
+        store.log_request(request_id="last", user_id="u", model_version="1", variant="champion", slice="",
+                          prompt="p", output="o", status="ok", latency_ms=1.0)
+        assert store.backlog == 1
+    assert store.backlog == 0
+    assert [r["request_id"] for r in FeedbackStore(tmp_path / "fb.db").requests()] == ["last"]

@@ -19,7 +19,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
@@ -28,7 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from tuneloop.config import RunConfig
 from tuneloop.monitor.feedback import FeedbackStore, check_request_fields
-from tuneloop.monitor.service import MAX_BODY_BYTES, add_feedback_route, error, feedback_score, read_json  # noqa: F401
+from tuneloop.monitor.service import (MAX_BODY_BYTES, add_feedback_route, error, feedback_score,  # noqa: F401
+                                      flush_on_shutdown, read_json)
 
 log = logging.getLogger("tuneloop.gateway")
 MAX_NEW_TOKENS = 256
@@ -222,7 +222,7 @@ def _check_messages(body: Any) -> list[dict[str, str]]:
 
 
 def create_app(gw: Gateway) -> FastAPI:
-    app = FastAPI(title="tuneloop gateway")
+    app = FastAPI(title="tuneloop gateway", lifespan=flush_on_shutdown(gw.store))
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

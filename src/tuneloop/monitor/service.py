@@ -13,7 +13,8 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -102,8 +103,23 @@ def _chat_text(body: Any, key: str) -> str:
     return ((choices or [{}])[0].get("message") or {}).get("content", "")
 
 
+def flush_on_shutdown(store: FeedbackStore) -> Callable[[FastAPI], Any]:
+    """A FastAPI lifespan that writes the request log's queue when the server stops (SIGTERM on a
+    rollout), so the last moments of traffic are not lost with the process."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        try:
+            store.flush()
+        except Exception as e:  # noqa: BLE001 - shutting down: say what was lost, do not hang
+            log.error("request log: %d rows not written at shutdown: %s", store.backlog, e)
+
+    return lifespan
+
+
 def create_feedback_service(store: FeedbackStore, pending_limit: int = 10_000) -> FastAPI:
-    app = FastAPI(title="tuneloop feedback service")
+    app = FastAPI(title="tuneloop feedback service", lifespan=flush_on_shutdown(store))
     pending: OrderedDict[str, dict[str, Any]] = OrderedDict()  # ce-id -> request half, waiting for its response
 
     @app.get("/healthz")
