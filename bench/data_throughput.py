@@ -190,18 +190,16 @@ def main() -> None:
             sample.append(raw.data["prompt"])
         if len(sample) == args.pii_sample:
             break
-    full = PiiScrubber(cfg.data.pii)
-    full.scrub("warm up a@b.com 030 123456")
-    t = time.perf_counter()
-    for s in sample:
-        full.analyze(s)
-    t_full = (time.perf_counter() - t) / len(sample)
-    gated = PiiScrubber(cfg.data.pii)
-    gated.scrub("warm up a@b.com 030 123456")
-    t = time.perf_counter()
-    for s in sample:
-        gated.scrub(s)
-    t_gated = (time.perf_counter() - t) / len(sample)
+    def seconds_per_text(method: str) -> tuple[float, PiiScrubber]:
+        scrubber = PiiScrubber(cfg.data.pii)
+        scrubber.scrub("warm up a@b.com 030 123456")
+        t = time.perf_counter()
+        for s in sample:
+            getattr(scrubber, method)(s)
+        return (time.perf_counter() - t) / len(sample), scrubber
+
+    t_full, _ = seconds_per_text("analyze")  # Presidio on every text
+    t_gated, gated = seconds_per_text("scrub")  # behind the pre-filter
     print(f"PII on {len(sample)} prompts: Presidio on every text {t_full * 1e3:.2f} ms/text, with the pre-filter "
           f"{t_gated * 1e3:.3f} ms/text ({t_full / t_gated:.1f}x faster; "
           f"{(gated.texts_analyzed - 1) / len(sample):.1%} of texts still went to Presidio)")

@@ -86,6 +86,28 @@ def start_until_healthy(argv: list[str], health_url: str, log: Path, env: dict[s
     pytest.fail(f"{' '.join(argv[:3])} did not answer {health_url} in {timeout_s:.0f} s: {log.read_text()[-3000:]}")
 
 
+def walk(node: Any, path: str = "") -> list[tuple[str, Any]]:
+    """Every (path, value) of a nested dict/list, the root included as path ""."""
+    out = [(path, node)]
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += walk(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += walk(v, f"{path}[{i}]")
+    return out
+
+
+def register_version(reg: Any, adapter: Path, run_name: str) -> str:
+    """Register an adapter folder as a new model version under a fresh pipeline run (as the
+    register stage does); returns the version."""
+    from tuneloop.registry import TAG_PIPELINE_RUN
+
+    parent = reg.start_pipeline_run(run_name, run_name, {})
+    with reg.stage_run(parent, "register") as rid:
+        return str(reg.register(rid, adapter, {TAG_PIPELINE_RUN: parent}).version)
+
+
 def _pg_program(name: str) -> str | None:
     found = shutil.which(name)
     if found:

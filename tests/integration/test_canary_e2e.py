@@ -8,17 +8,9 @@ import json
 
 import httpx
 import pytest
-from conftest import tiny_config
+from conftest import register_version, tiny_config
 
 pytestmark = pytest.mark.integration
-
-
-def _register(reg, cfg, adapter, run_name: str) -> str:  # noqa: ANN001
-    from tuneloop.registry import TAG_PIPELINE_RUN
-
-    parent = reg.start_pipeline_run(run_name, run_name, {})
-    with reg.stage_run(parent, "register") as rid:
-        return str(reg.register(rid, adapter, {TAG_PIPELINE_RUN: parent}).version)
 
 
 def test_rollback_on_errors_promotion_when_healthy_and_feedback_to_pairs(tmp_path, tiny_model_dir):
@@ -34,8 +26,8 @@ def test_rollback_on_errors_promotion_when_healthy_and_feedback_to_pairs(tmp_pat
 
     cfg = load_config(tiny_config(tmp_path, tiny_model_dir, deploy__canary__requests=16))
     reg = Registry(cfg)
-    bad = _register(reg, cfg, build_random_adapter(tiny_model_dir, tmp_path / "a1", seed=1), "r1")
-    good = _register(reg, cfg, build_random_adapter(tiny_model_dir, tmp_path / "a2", seed=2), "r2")
+    bad = register_version(reg, build_random_adapter(tiny_model_dir, tmp_path / "a1", seed=1), "r1")
+    good = register_version(reg, build_random_adapter(tiny_model_dir, tmp_path / "a2", seed=2), "r2")
     url = cfg.deploy.gateway_url
     gw = start_gateway(cfg)
     try:

@@ -276,13 +276,13 @@ def _env(container: dict, secrets: dict[str, str], overrides: dict[str, str]) ->
 
 
 def test_prod_mlflow_server_runs_as_rendered_on_postgres_s3_and_basic_auth(postgres, s3_server, tmp_path,
-                                                                          tiny_model_dir):
+                                                                          tiny_model_dir, monkeypatch):
     import boto3
     import httpx
-    from conftest import free_port, start_until_healthy, tiny_config
+    from conftest import free_port, register_version, start_until_healthy, tiny_config
 
     from tuneloop.config import load_config
-    from tuneloop.registry import TAG_PIPELINE_RUN, Registry
+    from tuneloop.registry import Registry
 
     objs = render(env_values("prod"))
     c = _container(objs, "-mlflow")
@@ -310,23 +310,15 @@ def test_prod_mlflow_server_runs_as_rendered_on_postgres_s3_and_basic_auth(postg
         r = httpx.get(f"{url}/api/2.0/mlflow/experiments/search", params={"max_results": 1})
         assert r.status_code == 401, "prod MLflow must refuse anonymous requests"
         cfg = load_config(tiny_config(tmp_path, tiny_model_dir, registry__tracking_uri=url))
-        import os
-
-        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = \
-            "platform-admin", "not-a-real-secret-1"
-        try:
-            reg = Registry(cfg)
-            parent = reg.start_pipeline_run("prod-1", "kfp-prod-1", {})
-            adapter = tmp_path / "adapter"
-            adapter.mkdir()
-            (adapter / "adapter_config.json").write_text('{"r": 8}')
-            with reg.stage_run(parent, "register") as rid:
-                mv = reg.register(rid, adapter, {TAG_PIPELINE_RUN: parent})
-            reg.set_alias("champion", mv.version)
-            got = reg.download_adapter(reg.alias_version("champion"), tmp_path / "cache")
-            assert (got / "adapter_config.json").read_text() == '{"r": 8}'
-        finally:
-            del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "platform-admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-a-real-secret-1")
+        reg = Registry(cfg)
+        adapter = tmp_path / "adapter"
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text('{"r": 8}')
+        reg.set_alias("champion", register_version(reg, adapter, "prod-1"))
+        got = reg.download_adapter(reg.alias_version("champion"), tmp_path / "cache")
+        assert (got / "adapter_config.json").read_text() == '{"r": 8}'
         keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing",
                                                aws_secret_access_key="testing", region_name="us-east-1")
                 .list_objects_v2(Bucket=bucket).get("Contents", [])]

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import walk
 
 from tuneloop.orchestrate import compiled_is_current, compiled_path
 
@@ -80,19 +81,8 @@ def compiled() -> dict[str, Any]:
     return docs[0]
 
 
-def _walk(node: Any, path: str = "") -> list[tuple[str, Any]]:
-    out = [(path, node)]
-    if isinstance(node, dict):
-        for k, v in node.items():
-            out += _walk(v, f"{path}.{k}")
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            out += _walk(v, f"{path}[{i}]")
-    return out
-
-
 def test_compiled_yaml_has_no_secret_values(compiled: dict[str, Any]) -> None:
-    nodes = _walk(compiled)
+    nodes = walk(compiled)
     for path, value in nodes:
         key = path.rsplit(".", 1)[-1]
         if SECRET_KEY.search(key) and not isinstance(value, (dict, list)):

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import tiny_config
+from conftest import tiny_config, walk
 from tuneloop.config import (
     ConfigError,
     RunConfig,
@@ -227,19 +227,6 @@ def test_state_dir_override_and_default(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 # -- the pipeline parameter --
-def _walk(obj: Any, where: str = "") -> list[str]:
-    nones = []
-    if obj is None:
-        nones.append(where or "(root)")
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            nones += _walk(v, f"{where}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            nones += _walk(v, f"{where}[{i}]")
-    return nones
-
-
 @pytest.mark.parametrize("which", ["demo", "tiny"])
 def test_pipeline_param_has_no_none_and_round_trips(tmp_path: Path, which: str) -> None:
     import json
@@ -247,7 +234,7 @@ def test_pipeline_param_has_no_none_and_round_trips(tmp_path: Path, which: str) 
     path = demo_config_path() if which == "demo" else tiny_config(tmp_path, Path("/nonexistent-model"))
     cfg = load_config(path)
     param = cfg.to_pipeline_param()
-    assert _walk(param) == []
+    assert [p or "(root)" for p, v in walk(param) if v is None] == []
     json.dumps(param)  # plain JSON
     assert param["base_model"]["path"] == cfg.base_model.path
     back = parse_config(json.loads(json.dumps(param)))

@@ -276,9 +276,9 @@ def create_app(gw: Gateway) -> FastAPI:
         meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
         slice_ = str(meta.get("slice", ""))
         try:
-            check_request_fields(user_id=user, slice=slice_)
+            check_request_fields({"user_id": "`user`", "slice": "`metadata.slice`"}, user_id=user, slice=slice_)
         except ValueError as e:
-            return error(400, str(e).replace("`user_id`", "`user`").replace("`slice`", "`metadata.slice`"))
+            return error(400, str(e))
         try:
             variant = gw.route(user, body.get("model"))
         except KeyError:

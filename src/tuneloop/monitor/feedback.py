@@ -50,14 +50,15 @@ class Feedback(_Base):
     correction: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
-def check_request_fields(**fields: str) -> None:
+def check_request_fields(labels: dict[str, str] | None = None, **fields: str) -> None:
     """ValueError naming the field when a value is longer than its column allows (Postgres
     enforces the lengths; sqlite would not), so a bad value is refused at the API rather than
-    failing the write of a whole batch later."""
+    failing the write of a whole batch later. `labels` names a column as the caller's API does."""
     for name, value in fields.items():
         limit = Request.__table__.c[name].type.length
         if limit is not None and len(value) > limit:
-            raise ValueError(f"`{name}` is {len(value)} characters; the limit is {limit}")
+            label = (labels or {}).get(name, f"`{name}`")
+            raise ValueError(f"{label} is {len(value)} characters; the limit is {limit}")
 
 
 def _url(db: str | Path) -> str:

@@ -148,10 +148,11 @@ def create_feedback_service(store: FeedbackStore, pending_limit: int = 10_000) -
             try:
                 if half["variant"] not in VARIANTS:
                     raise ValueError(f"`variant` must be one of {', '.join(VARIANTS)}, not {half['variant']!r}")
-                check_request_fields(request_id=ce_id, user_id=half["user_id"], model_version=half["model_version"])
+                check_request_fields({"request_id": "ce-id"}, request_id=ce_id, user_id=half["user_id"],
+                                     model_version=half["model_version"])
             except ValueError as e:
                 log.warning("KServe event %.80s refused: %s", ce_id, e)
-                return error(400, str(e).replace("`request_id`", "ce-id"))
+                return error(400, str(e))
             pending[ce_id] = half
             while len(pending) > pending_limit:
                 pending.popitem(last=False)
