@@ -3,7 +3,9 @@
 `local`: torchrun on this host - CPU processes over gloo here (DeepSpeed's CPU accelerator),
 GPUs over NCCL on a GPU node. The worker's output is streamed into this process's log, a
 failure raises `TrainingFailed` with the worker's last lines, and a run past the configured
-timeout is stopped. SIGTERM to this process is passed on, so the worker saves a checkpoint.
+timeout is stopped. SIGTERM to this process is passed on, so the worker saves a checkpoint. A
+rank that dies of a native crash (SIGABRT/SIGSEGV/SIGBUS, e.g. in gloo's teardown on CPU) gets
+one relaunch, which resumes from the newest complete checkpoint.
 
 `trainjob` / `pytorchjob`: the same torchrun command in a Kubeflow Trainer v2 TrainJob (on the
 `cluster.runtime` ClusterTrainingRuntime) or a Training Operator v1 PyTorchJob, created with the
@@ -24,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -48,6 +51,28 @@ class TrainingFailed(RuntimeError):
 
 class Preempted(TrainingFailed):
     """The worker was stopped by SIGTERM after saving a checkpoint; a rerun resumes from it."""
+
+
+class WorkerCrashed(TrainingFailed):
+    """A rank died by a signal of its own (abort, segfault: native code in torch/gloo/DeepSpeed),
+    not by an error of ours; a relaunch resumes from the newest complete checkpoint."""
+
+    def __init__(self, message: str, signal_name: str) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+
+
+CRASH_SIGNALS = {int(signal.SIGABRT): "SIGABRT", int(signal.SIGBUS): "SIGBUS", int(signal.SIGSEGV): "SIGSEGV"}
+_EXITCODE = re.compile(r"exitcode\s*:\s*-(\d+)")
+
+
+def crash_signal(torchrun_output: list[str]) -> str | None:
+    """The crash signal a rank died of, from torchrun's failure report; None for other failures."""
+    for line in torchrun_output:
+        m = _EXITCODE.search(line)
+        if m and int(m.group(1)) in CRASH_SIGNALS:
+            return CRASH_SIGNALS[int(m.group(1))]
+    return None
 
 
 def worker_env(state_dir: Path) -> dict[str, str]:
@@ -90,7 +115,8 @@ def build_spec(cfg: RunConfig, stage: str, base_dir: Path, data_path: Path, out_
 
 
 def _worth_showing(line: str) -> bool:
-    return "tuneloop." in line or "Error" in line or "error:" in line
+    return "tuneloop." in line or "Error" in line or "error:" in line or any(
+        s in line for s in ("terminate called", "what():", "Fatal Python error", "Segmentation fault", "Aborted"))
 
 
 def _output_of(spec: JobSpec) -> Path:
@@ -153,7 +179,9 @@ def launch_local(spec: JobSpec, nproc: int, state_dir: Path, timeout_s: float,
         raise Preempted(f"{spec.stage}: stopped by SIGTERM; the newest complete checkpoint in "
                         f"{spec.checkpoint_dir} is resumed by a rerun")
     if rc != 0:
-        raise TrainingFailed(f"{spec.stage} worker exited with {rc}; last lines:\n" + "\n".join(tail))
+        message = f"{spec.stage} worker exited with {rc}; last lines:\n" + "\n".join(tail)
+        crashed = crash_signal(list(tail))
+        raise WorkerCrashed(message, crashed) if crashed else TrainingFailed(message)
     return _result(spec)
 
 
@@ -167,10 +195,16 @@ def _install(sig: int, handler: Any) -> Any:
 def launch(cfg: RunConfig, spec: JobSpec, pipeline_run: str = "adhoc") -> dict[str, Any]:
     """Run one training stage with the configured backend; returns the worker's train_metrics."""
     t = cfg.train
-    if t.backend == "local":
+    if t.backend != "local":
+        return ClusterLauncher(cfg).run(spec, pipeline_run)  # the cluster's restart policy handles crashes
+    try:
         return launch_local(spec, t.nproc_per_node, cfg.state_path, t.timeout_minutes * 60,
                             t.cluster.termination_grace_seconds)
-    return ClusterLauncher(cfg).run(spec, pipeline_run)
+    except WorkerCrashed as e:  # once: a second crash is reported as it is
+        log.warning("%s: a rank died of %s; relaunching once, from the newest complete checkpoint",
+                    spec.stage, e.signal_name)
+        return launch_local(spec, t.nproc_per_node, cfg.state_path, t.timeout_minutes * 60,
+                            t.cluster.termination_grace_seconds)
 
 
 # -- cluster objects (pure) ---------------------------------------------------------------------
