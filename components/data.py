@@ -3,7 +3,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Output
 
-from tuneloop.components.images import IMAGE
+from tuneloop.images import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

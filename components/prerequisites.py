@@ -2,7 +2,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from tuneloop.components.images import IMAGE
+from tuneloop.images import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

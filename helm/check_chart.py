@@ -17,7 +17,7 @@ strictly into KFP's PipelineSpec (and kfp-kubernetes' PlatformSpec when present)
      HIGH/CRITICAL and all of them are treated as blocking.
   7. hadolint on docker/Dockerfile and docker/Dockerfile.train
 Also: Chart appVersion == the package version, and the chart's image repositories match
-components/images.py.
+src/tuneloop/images.py.
 
 Usage: .venv/bin/python helm/check_chart.py [--out build/chart] [--checkov .venv-checkov/bin/checkov]
 """
@@ -179,23 +179,23 @@ def check_versions(rep: Report) -> None:
     defaults = load_values(CHART / "values.yaml")
     for key, name in (("image", "tuneloop"), ("trainImage", "tuneloop-train")):
         if defaults[key]["repository"] != f"{repo}/{name}":
-            rep.fail(f"values.yaml {key}.repository {defaults[key]['repository']!r} != components/images.py "
+            rep.fail(f"values.yaml {key}.repository {defaults[key]['repository']!r} != src/tuneloop/images.py "
                      f"{repo}/{name}")
     make_repo = re.search(r"^IMAGE_REPOSITORY \?= (\S+)", (ROOT / "Makefile").read_text(), re.M)
     if not make_repo or make_repo.group(1) != repo:
-        rep.fail(f"Makefile IMAGE_REPOSITORY default is not components/images.py's {repo}")
+        rep.fail(f"Makefile IMAGE_REPOSITORY default is not src/tuneloop/images.py's {repo}")
     if not rep.failures:
         rep.ok(f"versions: chart appVersion = package version = {version}; image repositories (values.yaml, "
-               f"make images) = components/images.py")
+               f"make images) = src/tuneloop/images.py")
 
 
 def check_pipeline(rep: Report) -> None:
     """The compiled pipeline the upload Job ships: a strict parse into KFP's PipelineSpec (and the
-    kfp-kubernetes PlatformSpec when present), every executor image from components/images.py."""
+    kfp-kubernetes PlatformSpec when present), every executor image from src/tuneloop/images.py."""
     from google.protobuf import json_format
     from kfp.pipeline_spec import pipeline_spec_pb2
 
-    from tuneloop.components.images import IMAGE, TRAIN_IMAGE
+    from tuneloop.images import IMAGE, TRAIN_IMAGE
 
     path = ROOT / "pipelines" / "continuous_training.yaml"
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]

@@ -378,12 +378,14 @@ def monitor(config: ConfigArg = None, state_dir: StateDir = None, tracking_uri: 
     """
     import time as _time
 
-    from tuneloop.monitor.trigger import monitor as do_monitor
+    from tuneloop.monitor.check import check, record
 
     cfg = _load(config, state_dir, tracking_uri)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     target = out or cfg.state_path / "monitor" / _time.strftime("%Y%m%d-%H%M%S")
-    r = do_monitor(cfg, target)
+    r = check(cfg, target)
+    record(cfg, r, target)
+    r["action"] = _act_on_monitor(cfg, r)
     slo = r["slo"]
     console.print(f"champion {r['champion']}: {r['window_requests']} requests in the window, error rate "
                   f"{slo['error_rate']:.3f}, p95 {_fmt(slo['p95_latency_ms'])} ms"
@@ -393,6 +395,21 @@ def monitor(config: ConfigArg = None, state_dir: StateDir = None, tracking_uri: 
                   f"feedback since champion: {r['feedback_volume']['since_champion']}")
     console.print(f"retrain: {'DUE (' + ', '.join(r['reasons']) + ')' if r['retrain'] else 'not due'}; "
                   f"action: {r['action']}; report in {target}")
+
+
+def _act_on_monitor(cfg: Any, report: dict[str, Any]) -> str:
+    """What `monitor.action` says to do when the check found retraining due."""
+    if not report["retrain"]:
+        return "none"
+    if cfg.monitor.action == "run":
+        from tuneloop.orchestrate import run_local
+
+        return f"ran pipeline: {run_local(cfg)['outcome']}"
+    if cfg.monitor.action == "submit":
+        from tuneloop.orchestrate import submit
+
+        return f"submitted KFP run {submit(cfg, cfg.monitor.kfp_host or '', cfg.registry.experiment, None)}"
+    return "retraining is due (action: report)"
 
 
 @app.command("feedback-service")
@@ -410,8 +427,8 @@ def feedback_service(
 
     from tuneloop.config import PiiConfig
     from tuneloop.data.pii import PiiScrubber
-    from tuneloop.monitor.feedback import FeedbackStore
-    from tuneloop.monitor.service import create_feedback_service
+    from tuneloop.feedback.store import FeedbackStore
+    from tuneloop.feedback.service import create_feedback_service
 
     pii = _load(config).data.pii if config else PiiConfig()
     store = FeedbackStore(database_url, scrubber=PiiScrubber(pii) if pii.enabled else None)

@@ -238,7 +238,7 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 class ClusterConfig(_Strict):
     image: str | None = Field(
         None, description="Training image; null uses the tuneloop-train image of this package version "
-                          "(tuneloop.components.images.TRAIN_IMAGE, built from docker/Dockerfile.train).")
+                          "(tuneloop.images.TRAIN_IMAGE, built from docker/Dockerfile.train).")
     namespace: str = Field("tuneloop", description="Namespace the TrainJob / PyTorchJob is created in.")
     runtime: str = Field(
         "torch-distributed", description="trainjob: the ClusterTrainingRuntime the TrainJob references (Kubeflow "

@@ -111,23 +111,16 @@ def run_local(cfg: RunConfig, run_name: str | None = None) -> dict[str, Any]:
 
 def read_summary(cfg: RunConfig, run_name: str) -> dict[str, Any]:
     """Stages, outcomes, wall times, gate figures, model version and aliases of one run."""
-    import mlflow.artifacts
-
     from tuneloop.registry import Registry
 
     reg = Registry(cfg)
-    exp = reg.experiment_id()
-    parents = reg.client.search_runs([exp], f"attributes.run_name = '{run_name}'", max_results=5)
-    parents = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
-    if not parents:
+    parent = reg.pipeline_run(run_name)
+    if parent is None:
         raise RuntimeError(f"no MLflow run named {run_name!r} in experiment {cfg.registry.experiment}")
-    parent = parents[0]
-    pid = parent.info.run_id
-    children = reg.client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{pid}'", max_results=100,
-                                      order_by=["attributes.start_time ASC"])
+    pid, exp = parent.info.run_id, parent.info.experiment_id
     stages = []
     extra: dict[str, Any] = {}
-    for ch in children:
+    for ch in reg.stage_runs(pid):
         name = ch.data.tags.get("tuneloop.stage", ch.info.run_name)
         stages.append({"stage": name, "status": ch.info.status, "outcome": ch.data.tags.get("tuneloop.outcome", ""),
                        "wall_s": ch.data.metrics.get("stage_wall_s")})
@@ -135,9 +128,7 @@ def read_summary(cfg: RunConfig, run_name: str) -> dict[str, Any]:
                                 ("validate_data", "validation/report.json"), ("analyze_canary", "canary/canary.json")):
             if name == stage:
                 try:
-                    p = mlflow.artifacts.download_artifacts(run_id=ch.info.run_id, artifact_path=artifact,
-                                                            tracking_uri=reg.uri)
-                    extra[artifact] = json.loads(Path(p).read_text())
+                    extra[artifact] = json.loads(reg.download_run_artifact(ch.info.run_id, artifact).read_text())
                 except Exception:  # noqa: BLE001 - a stage that failed early has no artifact
                     pass
     version = parent.data.tags.get("tuneloop.model_version")

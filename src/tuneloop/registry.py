@@ -110,6 +110,40 @@ class Registry:
         status = "FAILED" if outcome.startswith("failed") else "FINISHED"
         self.client.set_terminated(parent_id, status)
 
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value)
+
+    def record_run(self, run_name: str, tags: dict[str, str], metrics: dict[str, float],
+                   artifacts: Path | None = None, artifact_path: str | None = None) -> str:
+        """A finished stand-alone run (e.g. one monitor check) in the experiment; returns its id."""
+        run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags)
+        rid = run.info.run_id
+        self.log_metrics(rid, metrics)
+        if artifacts is not None:
+            self.log_artifacts(rid, artifacts, artifact_path)
+        self.client.set_terminated(rid)
+        return rid
+
+    def pipeline_run(self, run_name: str) -> Any | None:
+        """The parent run of the pipeline run with this name (None if there is none)."""
+        runs = self.client.search_runs([self.experiment_id()], f"attributes.run_name = '{run_name}'", max_results=5)
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        return parents[0] if parents else None
+
+    def stage_runs(self, parent_id: str, stage: str | None = None) -> list[Any]:
+        """The stage runs of one pipeline run, oldest first (only `stage`'s when given)."""
+        exp = self.client.get_run(parent_id).info.experiment_id
+        query = f"tags.`mlflow.parentRunId` = '{parent_id}'"
+        if stage is not None:
+            query += f" and tags.`{TAG_STAGE}` = '{stage}'"
+        return self.client.search_runs([exp], query, max_results=100, order_by=["attributes.start_time ASC"])
+
+    def download_run_artifact(self, run_id: str, artifact_path: str, dst: Path | None = None) -> Path:
+        import mlflow.artifacts
+
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                        dst_path=str(dst) if dst else None, tracking_uri=self.uri))
+
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
@@ -200,6 +234,12 @@ class Registry:
                                                         tracking_uri=self.uri))
         os.replace(path, target)
         return target
+
+    def model_version(self, version: str) -> Any:
+        return self.client.get_model_version(self.name, version)
+
+    def set_version_description(self, version: str, text: str) -> None:
+        self.client.update_model_version(self.name, version, description=text)
 
     def version_tags(self, version: str) -> dict[str, str]:
         return dict(self.client.get_model_version(self.name, version).tags)

@@ -36,7 +36,7 @@ def _timed(reg: Registry, parent_id: str, stage: str, fn: Callable[[str], dict[s
         result = fn(run_id)
         wall = time.perf_counter() - started
         reg.log_metrics(run_id, {"stage_wall_s": wall})
-        reg.client.set_tag(run_id, "tuneloop.outcome", str(result.get("outcome", "done")))
+        reg.set_tag(run_id, "tuneloop.outcome", str(result.get("outcome", "done")))
     result["wall_s"] = wall
     log.info("%s: %s (%.1fs)", stage, result.get("outcome", "done"), wall)
     return result
@@ -88,10 +88,10 @@ def check_prerequisites(cfg: RunConfig, run_name: str, kfp_run_id: str) -> dict[
     reg = Registry(cfg)
     params = _flatten(cfg.model_dump(mode="json"))
     parent = reg.start_pipeline_run(run_name, kfp_run_id, params)
-    reg.client.set_tag(parent, TAG_BASE_MODEL, cfg.base_model.name)
+    reg.set_tag(parent, TAG_BASE_MODEL, cfg.base_model.name)
     with reg.stage_run(parent, "check_prerequisites") as run_id:
         reg.log_metrics(run_id, {"stage_wall_s": time.perf_counter() - started})
-        reg.client.set_tag(run_id, "tuneloop.outcome", "ok")
+        reg.set_tag(run_id, "tuneloop.outcome", "ok")
     return {"parent_run_id": parent, "base_model_dir": str(base), "outcome": "ok"}
 
 
@@ -102,7 +102,7 @@ def ingest_stage(cfg: RunConfig, parent_id: str, out: Path) -> dict[str, Any]:
     from tuneloop.data.formatting import ChatFormatter, check_tokenizer
     from tuneloop.data.ingest import ingest
     from tuneloop.data.replay import champion_training_data
-    from tuneloop.monitor.feedback import FeedbackStore
+    from tuneloop.feedback.store import FeedbackStore
 
     reg = Registry(cfg)
 
@@ -153,9 +153,9 @@ def log_data_lineage(reg: Registry, run_id: str, parent_id: str, report: dict[st
     reg.log_params(run_id, {"replay.champion_version": rp.get("champion_version") or "none",
                             "replay.note": rp.get("note", ""), "pii.nlp_model": pii.get("nlp_model", "")})
     for k, v in report["file_sha256"].items():
-        reg.client.set_tag(run_id, f"tuneloop.sha256.{k}", v)
-    reg.client.set_tag(run_id, TAG_DATA_HASH, report["data_hash"])
-    reg.client.set_tag(parent_id, TAG_DATA_HASH, report["data_hash"])
+        reg.set_tag(run_id, f"tuneloop.sha256.{k}", v)
+    reg.set_tag(run_id, TAG_DATA_HASH, report["data_hash"])
+    reg.set_tag(parent_id, TAG_DATA_HASH, report["data_hash"])
 
 
 # 3 -------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def validate_stage(cfg: RunConfig, parent_id: str, dataset: Path, out: Path) -> 
                              cfg.data.drift, f"champion v{champion.version} training data" if champion else "")
         reg.log_metrics(run_id, {f"drift.{k}": v for k, v in drift.items()
                                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        reg.client.set_tag(run_id, "tuneloop.drift_reference", drift.get("reference") or "none")
+        reg.set_tag(run_id, "tuneloop.drift_reference", drift.get("reference") or "none")
         reg.log_artifacts(run_id, out, "validation")
         return {"passed": report["passed"], "failed": report["failed"], "drift": drift,
                 "drift_html": str(out / "drift" / "drift.html"),
@@ -294,8 +294,8 @@ def register_stage(cfg: RunConfig, parent_id: str, candidate: Path, evaluation: 
         (card_dir / "model_card.md").write_text(card)
         (card_dir / "run_config.json").write_text(json.dumps(cfg.to_pipeline_param(), indent=2))
         reg.log_artifacts(run_id, card_dir, "model_card")
-        reg.client.update_model_version(cfg.registry.model_name, version, description=card)
-        reg.client.set_tag(parent_id, "tuneloop.model_version", version)
+        reg.set_version_description(version, card)
+        reg.set_tag(parent_id, "tuneloop.model_version", version)
         return {"version": version, "model_card": card,
                 "outcome": f"{cfg.registry.model_name} v{version} @challenger"}
 

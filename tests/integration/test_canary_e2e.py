@@ -20,7 +20,7 @@ def test_rollback_on_errors_promotion_when_healthy_and_feedback_to_pairs(tmp_pat
     from tuneloop.data.formatting import ChatFormatter
     from tuneloop.data.ingest import ingest
     from tuneloop.deploy.canary import analyze_canary, deploy_canary, promote, rollback, start_gateway, stop_gateway
-    from tuneloop.monitor.feedback import FeedbackStore
+    from tuneloop.feedback.store import FeedbackStore
     from tuneloop.registry import Registry
     from tuneloop.tiny import build_random_adapter
 

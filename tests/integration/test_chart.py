@@ -199,7 +199,7 @@ def test_chart_version_follows_the_package():
     chart = yaml.safe_load((check_chart.CHART / "Chart.yaml").read_text())
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert chart["appVersion"] == version
-    from tuneloop.components.images import IMAGE, TRAIN_IMAGE
+    from tuneloop.images import IMAGE, TRAIN_IMAGE
 
     objs = render(env_values("prod"))
     images = {c["image"] for _, s in pod_specs(objs) for c in s["containers"]}
@@ -334,7 +334,7 @@ def test_prod_feedback_service_runs_as_rendered_on_postgres(postgres, tmp_path):
     import httpx
     from conftest import free_port, start_until_healthy
 
-    from tuneloop.monitor.feedback import FeedbackStore
+    from tuneloop.feedback.store import FeedbackStore
 
     c = _container(render(env_values("prod")), "-feedback")
     db = postgres("feedback_prod")

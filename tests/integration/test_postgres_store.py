@@ -34,7 +34,7 @@ def test_feedback_service_process_on_postgres_feeds_the_next_ingest(postgres, tm
     from tuneloop.config import load_config
     from tuneloop.data.formatting import ChatFormatter
     from tuneloop.data.ingest import ingest
-    from tuneloop.monitor.feedback import FeedbackStore
+    from tuneloop.feedback.store import FeedbackStore
 
     db = postgres("feedback_service")
     port = free_port()
@@ -118,7 +118,7 @@ def test_gateway_request_log_on_postgres(postgres, tmp_path, tiny_model_dir, mon
 def test_request_log_keeps_rows_through_a_refused_row_and_an_outage(postgres, caplog):
     from sqlalchemy import create_engine, text
 
-    from tuneloop.monitor.feedback import FeedbackStore
+    from tuneloop.feedback.store import FeedbackStore
 
     db = postgres("request_log")
     store = FeedbackStore(db)

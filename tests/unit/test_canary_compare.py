@@ -10,7 +10,8 @@ from conftest import tiny_config
 
 from tuneloop.config import RunConfig, load_config
 from tuneloop.deploy.canary import compare
-from tuneloop.deploy.gateway import feedback_score, in_canary
+from tuneloop.deploy.gateway import in_canary
+from tuneloop.feedback.service import feedback_score
 
 pytestmark = pytest.mark.unit
 

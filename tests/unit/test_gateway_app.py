@@ -12,7 +12,8 @@ import pytest
 from conftest import tiny_config
 
 from tuneloop.config import load_config
-from tuneloop.deploy.gateway import MAX_BODY_BYTES, MAX_NEW_TOKENS, Gateway, create_app
+from tuneloop.deploy.gateway import MAX_NEW_TOKENS, Gateway, create_app
+from tuneloop.feedback.service import MAX_BODY_BYTES
 
 pytestmark = pytest.mark.unit
 

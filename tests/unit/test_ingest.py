@@ -14,7 +14,8 @@ from tuneloop.config import DataConfig, DataSource
 from tuneloop.data import readers
 from tuneloop.data.formatting import ChatFormatter
 from tuneloop.data.ingest import ingest
-from tuneloop.monitor.feedback import FeedbackStore, feedback_to_training
+from tuneloop.data.feedback import feedback_to_training
+from tuneloop.feedback.store import FeedbackStore
 
 from conftest import read_jsonl as _read  # noqa: E402
 from conftest import write_jsonl as _jsonl  # noqa: E402

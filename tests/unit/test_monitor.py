@@ -9,7 +9,8 @@ import pytest
 from conftest import tiny_config
 from fastapi.testclient import TestClient
 
-from tuneloop.monitor.trigger import prometheus_text, spc
+from tuneloop.evaluate.stats import spc
+from tuneloop.monitor.check import prometheus_text
 
 pytestmark = pytest.mark.unit
 
@@ -25,8 +26,8 @@ def test_spc_limits_and_verdicts():
 
 def test_monitor_fires_on_a_falling_feedback_trend_and_writes_metrics(tmp_path, tiny_model_dir):
     from tuneloop.config import load_config
-    from tuneloop.monitor.feedback import FeedbackStore
-    from tuneloop.monitor.trigger import check
+    from tuneloop.feedback.store import FeedbackStore
+    from tuneloop.monitor.check import check
 
     cfg = load_config(tiny_config(tmp_path, tiny_model_dir, data__drift__enabled=False,
                                   monitor__baseline_requests=20, monitor__min_new_feedback=1000,
@@ -51,8 +52,8 @@ def test_monitor_fires_on_a_falling_feedback_trend_and_writes_metrics(tmp_path, 
 
 
 def test_feedback_service_pairs_kserve_events_and_takes_feedback(tmp_path):
-    from tuneloop.monitor.feedback import FeedbackStore
-    from tuneloop.monitor.service import create_feedback_service
+    from tuneloop.feedback.store import FeedbackStore
+    from tuneloop.feedback.service import create_feedback_service
 
     store = FeedbackStore(tmp_path / "fb.db")
     c = TestClient(create_feedback_service(store))
@@ -75,7 +76,7 @@ def test_feedback_service_pairs_kserve_events_and_takes_feedback(tmp_path):
 def test_store_scrubs_pii_before_storing(tmp_path):
     from tuneloop.config import PiiConfig
     from tuneloop.data.pii import PiiScrubber
-    from tuneloop.monitor.feedback import FeedbackStore
+    from tuneloop.feedback.store import FeedbackStore
 
     store = FeedbackStore(tmp_path / "fb.db", scrubber=PiiScrubber(PiiConfig()))
     store.log_request(request_id="x", user_id="u", model_version="1", variant="champion", slice="",
@@ -91,7 +92,7 @@ def test_logging_never_waits_for_the_writer_and_readers_see_its_batch(tmp_path):
     batch, `log_request` still returns; a reader's flush waits for that batch (read-your-writes)."""
     import threading
 
-    from tuneloop.monitor.feedback import FeedbackStore
+    from tuneloop.feedback.store import FeedbackStore
 
     entered, release = threading.Event(), threading.Event()
 
@@ -120,8 +121,8 @@ def test_logging_never_waits_for_the_writer_and_readers_see_its_batch(tmp_path):
 
 
 def test_the_queue_is_written_when_the_server_stops(tmp_path):
-    from tuneloop.monitor.feedback import FeedbackStore
-    from tuneloop.monitor.service import create_feedback_service
+    from tuneloop.feedback.store import FeedbackStore
+    from tuneloop.feedback.service import create_feedback_service
 
     store = FeedbackStore(tmp_path / "fb.db")
     store.FLUSH_EVERY_S = 3600  # the writer would not get to it: only the shutdown flush can

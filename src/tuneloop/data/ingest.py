@@ -327,7 +327,7 @@ def ingest(cfg: DataConfig, formatter: ChatFormatter | None, out: Path,
     ing.add_all("preference", [s for s in cfg.sources if s.kind == "preference"], writers["preference"])
     fb_counts = {"rows": 0, "sft": 0, "preference": 0, "no_pair_empty_output": 0}
     if feedback_rows:
-        from tuneloop.monitor.feedback import feedback_to_training
+        from tuneloop.data.feedback import feedback_to_training
 
         fb_stats: dict[str, int] = {}
         fb_sft, fb_pairs = feedback_to_training(feedback_rows, fb_stats)

@@ -202,6 +202,12 @@ class PiiScrubber:
         self._analyzer = AnalyzerEngine(nlp_engine=engine, registry=registry, supported_languages=["en"])
         self._anonymizer = AnonymizerEngine()
 
+    def load(self) -> None:
+        """Build Presidio now (seconds: spaCy pipeline, recognizers) instead of on the first text; a
+        service calls it at start, off its event loop."""
+        if self.cfg.enabled and self._analyzer is None:
+            self._build()
+
     def candidates(self, text: str) -> frozenset[str] | list[str]:
         """The entity types Presidio could find in this text (the pre-filter); empty: none can."""
         return list(self.cfg.entities) if self.gate is None else self.gate(text)

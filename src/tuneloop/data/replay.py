@@ -37,7 +37,7 @@ class ChampionData:
 
 def champion_training_data(reg: Any, cache_dir: Path) -> ChampionData | None:
     """The champion's SFT training records, or None when there is no champion (or it has no data)."""
-    from tuneloop.registry import TAG_PIPELINE_RUN, TAG_STAGE
+    from tuneloop.registry import TAG_PIPELINE_RUN
 
     mv = reg.alias_version("champion")
     if mv is None:
@@ -46,22 +46,16 @@ def champion_training_data(reg: Any, cache_dir: Path) -> ChampionData | None:
     if not parent:
         log.warning("champion v%s has no %s tag: its training data cannot be found", mv.version, TAG_PIPELINE_RUN)
         return None
-    exp = reg.client.get_run(parent).info.experiment_id
-    runs = reg.client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{TAG_STAGE}` = 'ingest'",
-                                  order_by=["attributes.start_time DESC"], max_results=10)
-    runs = [r for r in runs if r.info.status == "FINISHED"]
+    runs = [r for r in reversed(reg.stage_runs(parent, "ingest")) if r.info.status == "FINISHED"]
     if not runs:
         log.warning("champion v%s: pipeline run %s has no finished ingest stage", mv.version, parent)
         return None
     run_id = runs[0].info.run_id
     target = cache_dir / f"v{mv.version}" / "sft.jsonl"
     if not target.exists():
-        import mlflow.artifacts
-
         tmp = cache_dir / f".v{mv.version}.partial"
         tmp.mkdir(parents=True, exist_ok=True)
-        got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="dataset/sft.jsonl",
-                                                       dst_path=str(tmp), tracking_uri=reg.uri))
+        got = reg.download_run_artifact(run_id, "dataset/sft.jsonl", tmp)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(got, target)
     return ChampionData(str(mv.version), run_id, target)

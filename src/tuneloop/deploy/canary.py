@@ -23,6 +23,7 @@ import httpx
 
 from tuneloop.config import RunConfig
 from tuneloop.evaluate.metrics import normalize_answer
+from tuneloop.evaluate.stats import fisher_greater, p95, welch_less
 from tuneloop.registry import TAG_CANARY_PERCENT, Registry
 
 log = logging.getLogger("tuneloop.canary")
@@ -132,18 +133,8 @@ def replay_traffic(cfg: RunConfig, since: float) -> int:
     return sent
 
 
-def p95(xs: list[float]) -> float | None:
-    """95th percentile (nearest rank); None for no values."""
-    if not xs:
-        return None
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
-
-
 def compare(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
     """Canary vs champion over the window's requests -> decision with its figures."""
-    from scipy import stats
-
     c = cfg.deploy.canary
     mode = c.mode
     side = {"champion": [r for r in rows if r["variant"] == "champion"],
@@ -165,8 +156,7 @@ def compare(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
                        "detail": "the champion received no requests; nothing to compare the canary with"})
     else:
         # error rate: one-sided Fisher exact test that the canary errs more, plus the allowed margin
-        _, p_err = stats.fisher_exact([[ca["errors"], ca["requests"] - ca["errors"]],
-                                       [ch["errors"], max(ch["requests"] - ch["errors"], 0)]], alternative="greater")
+        p_err = fisher_greater(ca["errors"], ca["requests"], ch["errors"], ch["requests"])
         worse = ca["error_rate"] - ch["error_rate"] > c.max_error_rate_increase
         checks.append({"check": "error_rate", "passed": not (worse and p_err < c.alpha),
                        "detail": f"canary {ca['error_rate']:.3f} vs champion {ch['error_rate']:.3f}, "
@@ -180,8 +170,7 @@ def compare(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
         a, b = ca["_scores"], ch["_scores"]
         if len(a) >= 3 and len(b) >= 3:
             delta = ca["feedback_mean"] - ch["feedback_mean"]
-            t = stats.ttest_ind(a, b, equal_var=False, alternative="less")
-            p_fb = float(t.pvalue) if t.pvalue == t.pvalue else 1.0  # NaN when both sides are constant
+            p_fb = welch_less(a, b)
             bad = delta < c.min_feedback_delta and (p_fb < c.alpha or (min(a) == max(a) and min(b) == max(b)))
             checks.append({"check": "feedback", "passed": not bad,
                            "detail": f"canary {ca['feedback_mean']:.3f} vs champion {ch['feedback_mean']:.3f} "
@@ -196,7 +185,7 @@ def compare(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
 
 
 def analyze_canary(cfg: RunConfig, deployed_at: float) -> dict[str, Any]:
-    from tuneloop.monitor.feedback import FeedbackStore
+    from tuneloop.feedback.store import FeedbackStore
 
     if cfg.deploy.backend == "local":
         sent = replay_traffic(cfg, deployed_at)

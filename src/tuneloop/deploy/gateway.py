@@ -26,9 +26,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from tuneloop.config import RunConfig
-from tuneloop.monitor.feedback import FeedbackStore, check_request_fields
-from tuneloop.monitor.service import (MAX_BODY_BYTES, add_feedback_route, error, feedback_score,  # noqa: F401
-                                      flush_on_shutdown, read_json)
+from tuneloop.feedback.service import add_feedback_route, error, read_json, store_lifespan
+from tuneloop.feedback.store import FeedbackStore, check_request_fields
 
 log = logging.getLogger("tuneloop.gateway")
 MAX_NEW_TOKENS = 256
@@ -127,7 +126,7 @@ class Gateway:
         base_dir = materialize_base_model(self.cfg.base_model, self.cfg.state_path)
         adapter = None
         if version is not None:
-            mv = self.registry.client.get_model_version(self.registry.name, version)
+            mv = self.registry.model_version(version)
             adapter = self.registry.download_adapter(mv, self.cache_dir)
         return HFBackend(*load_causal_lm(base_dir, adapter), self.cfg.data.system_prompt)
 
@@ -222,7 +221,7 @@ def _check_messages(body: Any) -> list[dict[str, str]]:
 
 
 def create_app(gw: Gateway) -> FastAPI:
-    app = FastAPI(title="tuneloop gateway", lifespan=flush_on_shutdown(gw.store))
+    app = FastAPI(title="tuneloop gateway", lifespan=store_lifespan(gw.store))
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

@@ -137,7 +137,7 @@ def _adapter_uri(cfg: RunConfig, version: str) -> str:
     from tuneloop.registry import Registry
 
     reg = Registry(cfg)
-    return storage_uri(reg.client.get_model_version(reg.name, version).source, cfg)
+    return storage_uri(reg.model_version(version).source, cfg)
 
 
 def deploy(cfg: RunConfig, version: str, api: Any | None = None) -> dict[str, Any]:

@@ -272,7 +272,7 @@ def build_trainjob(cfg: RunConfig, name: str, stage: str, spec_path: str,
     """A trainer.kubeflow.org/v1alpha1 TrainJob: numNodes x numProcPerNode on the torch runtime, which
     sets torchrun's PET_* variables; placement, volumes and grace period go in as a runtime patch."""
     t, c = cfg.train, cfg.train.cluster
-    from tuneloop.components.images import TRAIN_IMAGE
+    from tuneloop.images import TRAIN_IMAGE
 
     pod = _pod_spec(cfg, {"name": TRAINJOB_CONTAINER})
     return {
@@ -302,7 +302,7 @@ def build_pytorchjob(cfg: RunConfig, name: str, stage: str, spec_path: str,
     from the operator's MASTER_ADDR / MASTER_PORT / RANK (node rank). restartPolicy ExitCode restarts a
     pod that exited with a signal code (128-255, e.g. 143 after a preemption checkpoint) in place."""
     t, c = cfg.train, cfg.train.cluster
-    from tuneloop.components.images import TRAIN_IMAGE
+    from tuneloop.images import TRAIN_IMAGE
 
     rendezvous = [f"--nnodes={t.num_nodes}", f"--nproc_per_node={t.nproc_per_node}", "--node_rank=$(RANK)",
                   "--master_addr=$(MASTER_ADDR)", "--master_port=$(MASTER_PORT)"]

@@ -1,4 +1,4 @@
-"""`tuneloop monitor`: watch production, decide whether the next pipeline run is due.
+"""Production checks that return a decision: is the next pipeline run due? (`tuneloop monitor`)
 
 Checks over the last `monitor.window_hours`:
   slo              error rate and p95 latency of the served champion against the SLOs
@@ -9,41 +9,29 @@ Checks over the last `monitor.window_hours`:
                    descriptors and MiniLM embedding drift, the data plane's drift report)
   feedback_volume  feedback collected since the champion was registered
 Results go to out/monitor.json, out/monitor.prom (Prometheus textfile format) and an MLflow
-run; when a signal in `retrain_on` fires, `action` decides: report, run here, or submit to KFP.
+run. The report carries the decision (`retrain`, with the signals in `retrain_on` that fired);
+acting on it (report, run here, submit to KFP: `monitor.action`) is the caller's job - the CLI's,
+or a scheduler's - never this module's.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 from tuneloop.config import RunConfig
-from tuneloop.deploy.canary import p95
+from tuneloop.evaluate.stats import p95, spc
 
 log = logging.getLogger("tuneloop.monitor")
-
-
-def spc(baseline: list[float], window: list[float], min_window: int) -> dict[str, Any]:
-    """Mean chart with 3-sigma limits from the baseline; verdict only with enough data on both sides."""
-    if len(baseline) < 2 or len(window) < min_window:
-        return {"verdict": "insufficient", "baseline_n": len(baseline), "window_n": len(window)}
-    mean = sum(baseline) / len(baseline)
-    sigma = math.sqrt(sum((x - mean) ** 2 for x in baseline) / (len(baseline) - 1))
-    half = 3 * sigma / math.sqrt(len(window))
-    cur = sum(window) / len(window)
-    verdict = "below" if cur < mean - half else "above" if cur > mean + half else "in_control"
-    return {"verdict": verdict, "baseline_mean": mean, "baseline_sigma": sigma, "lcl": mean - half,
-            "ucl": mean + half, "window_mean": cur, "baseline_n": len(baseline), "window_n": len(window)}
 
 
 def check(cfg: RunConfig, out: Path, now: float | None = None) -> dict[str, Any]:
     from tuneloop.data.drift import drift_report
     from tuneloop.data.replay import champion_training_data
-    from tuneloop.monitor.feedback import FeedbackStore
+    from tuneloop.feedback.store import FeedbackStore
     from tuneloop.registry import Registry
 
     m = cfg.monitor
@@ -98,7 +86,7 @@ def _window_prompts(store: Any, since: float, out: Path) -> Path:
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from tuneloop.monitor.feedback import Request
+    from tuneloop.feedback.store import Request
 
     store.flush()
     path = out / "production_prompts.jsonl"
@@ -129,32 +117,16 @@ def prometheus_text(report: dict[str, Any]) -> str:
     ])
 
 
-def monitor(cfg: RunConfig, out: Path) -> dict[str, Any]:
-    """Check, record in MLflow, and act on the decision."""
+def record(cfg: RunConfig, report: dict[str, Any], out: Path) -> str:
+    """The check as an MLflow run (metrics, the report folder as artifacts); returns its id."""
     from tuneloop.registry import Registry
 
-    report = check(cfg, out)
-    reg = Registry(cfg)
-    exp = reg.experiment_id()
-    run = reg.client.create_run(exp, run_name=f"monitor-{time.strftime('%Y%m%d-%H%M%S')}",
-                                tags={"tuneloop.stage": "monitor", "tuneloop.champion": report["champion"],
-                                      "tuneloop.retrain": str(report["retrain"]).lower()})
-    reg.log_metrics(run.info.run_id, {
-        "window_requests": report["window_requests"], "error_rate": report["slo"]["error_rate"],
-        "feedback_since_champion": report["feedback_volume"]["since_champion"],
-        "retrain_due": float(report["retrain"]), "slo_breach": float(report["slo_breach"]),
-        **{k: v for k, v in report["feedback_trend"].items() if isinstance(v, float)}})
-    reg.log_artifacts(run.info.run_id, out, "monitor")
-    reg.client.set_terminated(run.info.run_id)
-    report["action"] = "none"
-    if report["retrain"] and cfg.monitor.action == "run":
-        from tuneloop.orchestrate import run_local
-
-        report["action"] = f"ran pipeline: {run_local(cfg)['outcome']}"
-    elif report["retrain"] and cfg.monitor.action == "submit":
-        from tuneloop.orchestrate import submit
-
-        report["action"] = f"submitted KFP run {submit(cfg, cfg.monitor.kfp_host or '', cfg.registry.experiment, None)}"
-    elif report["retrain"]:
-        report["action"] = "retraining is due (action: report)"
-    return report
+    return Registry(cfg).record_run(
+        f"monitor-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={"tuneloop.stage": "monitor", "tuneloop.champion": report["champion"],
+              "tuneloop.retrain": str(report["retrain"]).lower()},
+        metrics={"window_requests": report["window_requests"], "error_rate": report["slo"]["error_rate"],
+                 "feedback_since_champion": report["feedback_volume"]["since_champion"],
+                 "retrain_due": float(report["retrain"]), "slo_breach": float(report["slo_breach"]),
+                 **{k: v for k, v in report["feedback_trend"].items() if isinstance(v, float)}},
+        artifacts=out, artifact_path="monitor")

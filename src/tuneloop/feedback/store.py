@@ -4,7 +4,9 @@ SQLAlchemy over sqlite locally (`<state_dir>/feedback.db`) and Postgres on a clu
 database URL). The gateway logs every request; `POST /v1/feedback` adds a rating, a thumbs
 up/down or a corrected answer keyed to that request. Ingest turns the feedback into
 preference pairs (DPO) and SFT records (corrections), each tagged with its slice and the model
-version that produced the answer.
+version that produced the answer (`tuneloop.data.feedback` does that).
+
+This is the ground floor: it imports nothing of tuneloop. A PII scrubber is passed in.
 """
 
 from __future__ import annotations
@@ -98,6 +100,20 @@ class FeedbackStore:
         """Rows waiting to be written (queued, or kept through a failed write)."""
         return len(self._queue) + len(self._unwritten)
 
+    def warm_up(self) -> None:
+        """Load the scrubber (Presidio takes seconds on first use) and start the writer thread, so the
+        first request does not pay for either."""
+        if self.scrubber is not None and hasattr(self.scrubber, "load"):
+            with self._scrub_lock:
+                self.scrubber.load()
+        self._ensure_writer()
+
+    def _ensure_writer(self) -> None:
+        with self._lock:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._run_writer, name="feedback-writer", daemon=True)
+                self._writer.start()
+
     def _scrub(self, text: str | None) -> str | None:
         if self.scrubber is None or not text:
             return text
@@ -109,9 +125,8 @@ class FeedbackStore:
         fields.setdefault("created", time.time())
         with self._lock:
             self._queue.append(fields)
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._run_writer, name="feedback-writer", daemon=True)
-                self._writer.start()
+        if self._writer is None:
+            self._ensure_writer()
         self._wake.set()
 
     def _run_writer(self) -> None:
@@ -205,44 +220,3 @@ class FeedbackStore:
             return [{"request_id": r.request_id, "prompt": r.prompt, "output": r.output, "slice": r.slice,
                      "model_version": r.model_version, "variant": r.variant, "score": f.score,
                      "correction": f.correction, "created": f.created} for r, f in s.execute(q)]
-
-
-def feedback_to_training(rows: list[dict[str, Any]], stats: dict[str, int] | None = None,
-                         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Feedback rows -> (sft records, preference pairs) in ingest's raw schemas.
-
-    A correction makes an SFT record and, against the model's answer, a preference pair.
-    Of two answers to the same prompt, the higher-scored one is `chosen`. An empty model
-    answer makes no pair (there is no text to prefer against; the correction's SFT record
-    still teaches the answer); `stats["no_pair_empty_output"]` counts those.
-    """
-    stats = stats if stats is not None else {}
-    stats.setdefault("no_pair_empty_output", 0)
-    sft: list[dict[str, Any]] = []
-    pairs: list[dict[str, Any]] = []
-    for r in rows:
-        meta = {"slice": r["slice"] or "feedback", "model_version": r["model_version"]}
-        corr = (r.get("correction") or "").strip()
-        if corr:
-            sft.append({"id": f"fb-{r['request_id']}-sft", "prompt": r["prompt"], "response": corr, **meta})
-            if not r["output"].strip():
-                stats["no_pair_empty_output"] += 1
-            elif corr != r["output"].strip():
-                pairs.append({"id": f"fb-{r['request_id']}-corr", "prompt": r["prompt"], "chosen": corr,
-                              "rejected": r["output"], **meta})
-    by_prompt: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        if r.get("score") is not None:
-            by_prompt.setdefault(r["prompt"], []).append(r)
-    for prompt, rs in by_prompt.items():
-        rs = sorted(rs, key=lambda r: r["score"], reverse=True)
-        best, worst = rs[0], rs[-1]
-        if best["score"] <= worst["score"] or best["output"].strip() == worst["output"].strip():
-            continue
-        if not best["output"].strip() or not worst["output"].strip():
-            stats["no_pair_empty_output"] += 1
-            continue
-        pairs.append({"id": f"fb-{best['request_id']}-{worst['request_id']}", "prompt": prompt,
-                      "chosen": best["output"], "rejected": worst["output"],
-                      "slice": best["slice"] or "feedback", "model_version": best["model_version"]})
-    return sft, pairs

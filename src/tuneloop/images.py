@@ -1,4 +1,5 @@
-"""Container images of the components; the tag is the package version (docker/ builds them)."""
+"""Container images of the pipeline tasks and training pods; the tag is the package version (docker/ builds
+them). Components, the training launchers and the chart check read them from here."""
 
 from tuneloop import __version__
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -19,9 +20,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy.exc import OperationalError
 
-from tuneloop.monitor.feedback import FeedbackStore, check_request_fields
+from tuneloop.feedback.store import FeedbackStore, check_request_fields
 
 log = logging.getLogger("tuneloop.feedback")
 MAX_BODY_BYTES = 256 * 1024
@@ -82,10 +84,11 @@ def add_feedback_route(app: FastAPI, store: FeedbackStore,
             return error(413, str(e))
         except ValueError as e:
             return error(400, str(e))
-        try:
-            if not store.add_feedback(body["request_id"], score, corr):
+        try:  # a flush (scrubbing, the database write) blocks: in a worker thread, never on the event loop
+            if not await run_in_threadpool(store.add_feedback, body["request_id"], score, corr):
                 return error(404, f"unknown request_id {body['request_id']!r}")
-            served_by = store.served_by(body["request_id"]) if score is not None and on_score else None
+            served_by = await run_in_threadpool(store.served_by, body["request_id"]) \
+                if score is not None and on_score else None
         except OperationalError as e:  # the database is down or locked: the client may retry
             log.error("feedback for %s not stored: %s", body["request_id"], e)
             return error(503, "the feedback store is unavailable; try again")
@@ -103,12 +106,15 @@ def _chat_text(body: Any, key: str) -> str:
     return ((choices or [{}])[0].get("message") or {}).get("content", "")
 
 
-def flush_on_shutdown(store: FeedbackStore) -> Callable[[FastAPI], Any]:
-    """A FastAPI lifespan that writes the request log's queue when the server stops (SIGTERM on a
-    rollout), so the last moments of traffic are not lost with the process."""
+def store_lifespan(store: FeedbackStore) -> Callable[[FastAPI], Any]:
+    """A FastAPI lifespan around the store. At start the store warms up in a thread (Presidio's first
+    load takes seconds): the server answers at once, and a request that needs the scrubber before it
+    is ready waits in a worker thread, never on the event loop. When the server stops (SIGTERM on a
+    rollout) the request log's queue is written, so the last moments of traffic are not lost."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=_warm_up, args=(store,), name="feedback-warm-up", daemon=True).start()
         yield
         try:
             store.flush()
@@ -118,8 +124,15 @@ def flush_on_shutdown(store: FeedbackStore) -> Callable[[FastAPI], Any]:
     return lifespan
 
 
+def _warm_up(store: FeedbackStore) -> None:
+    try:
+        store.warm_up()
+    except Exception as e:  # noqa: BLE001 - the first write retries it and reports the error there
+        log.error("feedback store warm-up failed: %s", e)
+
+
 def create_feedback_service(store: FeedbackStore, pending_limit: int = 10_000) -> FastAPI:
-    app = FastAPI(title="tuneloop feedback service", lifespan=flush_on_shutdown(store))
+    app = FastAPI(title="tuneloop feedback service", lifespan=store_lifespan(store))
     pending: OrderedDict[str, dict[str, Any]] = OrderedDict()  # ce-id -> request half, waiting for its response
 
     @app.get("/healthz")
