@@ -9,7 +9,6 @@ Last line: `prompts_per_s=<batched> batched_speedup=<batched / one-at-a-time>`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -31,14 +30,14 @@ def main() -> None:
     torch.set_num_threads(1)
     from tuneloop.data.formatting import ChatFormatter
     from tuneloop.evaluate.scoring import score_records
+    from tuneloop.jsonl import read_jsonl
     from tuneloop.models import load_causal_lm
     from tuneloop.tiny import DEMO_DATA, build_tiny_model
 
     model_dir = build_tiny_model(Path(tempfile.mkdtemp()) / "m")
     model, tok = load_causal_lm(model_dir)
     fmt = ChatFormatter(tok)
-    raw = [json.loads(line) for f in sorted((DEMO_DATA / "eval").glob("*.jsonl"))
-           for line in f.read_text().splitlines()]
+    raw = [r for f in sorted((DEMO_DATA / "eval").glob("*.jsonl")) for r in read_jsonl(f)]
     records = [{"id": f"r{i}", "slice": r["slice"], "prompt": fmt.user_prompt(r["prompt"]),
                 "completion": fmt.completion(r["response"]), "user_text": r["prompt"], "response": r["response"]}
                for i, r in enumerate(raw[i % len(raw)] for i in range(args.prompts))]

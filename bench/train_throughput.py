@@ -78,6 +78,7 @@ def build_data(out: Path, model_dir: Path, size: str, n: int) -> tuple[Path, Pat
     """Prompt/completion and preference records of varied length, chat-formatted like ingest's."""
     from transformers import AutoTokenizer
 
+    from tuneloop.jsonl import write_jsonl
     from tuneloop.tiny import demo_texts
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -93,13 +94,10 @@ def build_data(out: Path, model_dir: Path, size: str, n: int) -> tuple[Path, Pat
 
     out.mkdir(parents=True, exist_ok=True)
     sft, pref = out / "sft.jsonl", out / "preference.jsonl"
-    with open(sft, "w") as f:
-        for _ in range(n):
-            f.write(json.dumps({"prompt": prompt(text(3 * reps)), "completion": text(2 * reps) + "<|im_end|>\n"}) + "\n")
-    with open(pref, "w") as f:
-        for _ in range(n):
-            f.write(json.dumps({"prompt": prompt(text(2 * reps)), "chosen": text(reps) + "<|im_end|>\n",
-                                "rejected": text(reps) + "<|im_end|>\n"}) + "\n")
+    write_jsonl(sft, ({"prompt": prompt(text(3 * reps)), "completion": text(2 * reps) + "<|im_end|>\n"}
+                      for _ in range(n)))
+    write_jsonl(pref, ({"prompt": prompt(text(2 * reps)), "chosen": text(reps) + "<|im_end|>\n",
+                        "rejected": text(reps) + "<|im_end|>\n"} for _ in range(n)))
     return sft, pref
 
 
@@ -169,6 +167,8 @@ def device_peak(device: str) -> tuple[float, str]:
 def run_variant(variant: str, model_dir: Path, data_dir: Path, size: str, device: str, steps: int) -> dict:
     import torch
 
+    from tuneloop.jsonl import read_jsonl
+
     stage, side = variant.split("-")
     _, _, _, _, _, max_len, batch, _, r = SIZES[size]
     warmup = max(2, steps // 5)
@@ -178,7 +178,8 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, size: str, device
     lora = {"r": r, "alpha": 2 * r, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     out = Path(tempfile.mkdtemp(prefix=f"bench-{variant}-"))
     if side == "tuneloop":
-        from tuneloop.train.common import JobSpec
+        from tuneloop.config import TrainConfig
+        from tuneloop.train.spec import JobSpec
 
         hp = {"max_steps": steps, "epochs": 1.0, "learning_rate": lr, "per_device_batch_size": batch,
               "gradient_accumulation_steps": 1, "max_length": max_len, "logging_steps": 10 ** 6}
@@ -192,9 +193,11 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, size: str, device
             hp.update(beta=0.1, precompute_ref_log_probs=False)
         import importlib.util
 
+        train = TrainConfig.model_validate({stage: hp, "lora": lora, "deepspeed": "none",
+                                            "liger_kernels": device == "cuda"
+                                            and importlib.util.find_spec("liger_kernel") is not None})
         spec = JobSpec(stage=stage, base_model_dir=str(model_dir), data_path=str(data), output_dir=str(out),
-                       hparams=hp, lora=lora, deepspeed="none",
-                       liger_kernels=device == "cuda" and importlib.util.find_spec("liger_kernel") is not None)
+                       train=train)
         trainer, _ = build(spec, [timer])
     else:
         from datasets import load_dataset
@@ -220,7 +223,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, size: str, device
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.train()
     tps, tokens, seconds = timer.rate()
-    examples = [json.loads(line) for line in data.read_text().splitlines()]
+    examples = read_jsonl(data)
     tok = trainer.processing_class
     keys = ("prompt", "completion") if stage == "sft" else ("prompt", "chosen")
     seq = sum(min(max_len, sum(len(tok(e[k])["input_ids"]) for k in keys)) for e in examples[:64]) / min(64, len(examples))

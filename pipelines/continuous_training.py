@@ -6,21 +6,25 @@ register -> deploy_canary -> analyze_canary -> promote | rollback
 The same pipeline runs on Kubeflow Pipelines (compiled YAML next to this file) and on one
 machine with kfp.local (`tuneloop run`). The run config travels as one `config` parameter
 and is validated again by every task. Cluster settings (resources, GPUs, tolerations, node
-selectors, the state volume, secrets as env, retries, timeouts) come from the config's
-`platform` section at compile time: `build_pipeline(platform)`; kfp.local ignores them.
+selectors, retries, timeouts) come from the config's `platform` section, the state volume and the
+Secrets exposed as env from its `kubernetes` section, at compile time: `build_pipeline(platform,
+kubernetes)`; kfp.local ignores them.
 """
 
 from kfp import dsl, kubernetes
 
 from tuneloop import components as c
-from tuneloop.config import PlatformConfig, TaskResources
+from tuneloop.config import KubernetesConfig, PlatformConfig, PodResources
 
 PIPELINE_NAME = "tuneloop-continuous-training"
 STATE_MOUNT = "/var/lib/tuneloop"  # state_dir of the committed YAML's tasks (no config at compile time)
+# why a run stops at a gate (the MLflow outcome); orchestrate.run_direct says the same
+STOP_DATA_GATE = "stopped: data validation failed"
+STOP_EVALUATION_GATE = "rejected by the evaluation gate"
 
 
-def _place(task: dsl.PipelineTask, res: TaskResources, platform: PlatformConfig, timeout_s: int,
-           retries: bool, accelerators: int, state_dir: str) -> None:
+def _place(task: dsl.PipelineTask, res: PodResources, platform: PlatformConfig, k8s: KubernetesConfig,
+           timeout_s: int, retries: bool, accelerators: int, state_dir: str) -> None:
     task.set_cpu_limit(res.cpu).set_memory_limit(res.memory)
     if res.accelerator_type and accelerators:
         task.set_accelerator_type(res.accelerator_type).set_accelerator_limit(accelerators)
@@ -28,9 +32,9 @@ def _place(task: dsl.PipelineTask, res: TaskResources, platform: PlatformConfig,
         kubernetes.add_node_selector(task, key, value)
     for t in res.tolerations:
         kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
-    if platform.state_pvc:
-        kubernetes.mount_pvc(task, pvc_name=platform.state_pvc, mount_path=state_dir)
-    for s in platform.secrets:
+    if k8s.state_pvc:
+        kubernetes.mount_pvc(task, pvc_name=k8s.state_pvc, mount_path=state_dir)
+    for s in k8s.secrets:
         kubernetes.use_secret_as_env(task, s.secret, {s.key: s.name})
     kubernetes.set_timeout(task, timeout_s)
     if retries and platform.retries:
@@ -38,21 +42,23 @@ def _place(task: dsl.PipelineTask, res: TaskResources, platform: PlatformConfig,
                        backoff_factor=2.0)
 
 
-def build_pipeline(platform: PlatformConfig, train_timeout_minutes: int = 120,  # noqa: ANN201 - a KFP pipeline
-                   nproc_per_node: int = 2, state_dir: str = STATE_MOUNT):
-    """The DAG with `platform`'s settings; the state volume is mounted at `state_dir` in every
-    task, as the training pods mount it (train/launch.py), so one path means one file everywhere."""
+def build_pipeline(platform: PlatformConfig, k8s: KubernetesConfig,  # noqa: ANN201 - a KFP pipeline
+                   train_timeout_minutes: int = 120, nproc_per_node: int = 2, state_dir: str = STATE_MOUNT):
+    """The DAG with `platform`'s pod settings; the state volume (`kubernetes.state_pvc`) is mounted at
+    `state_dir` in every task, as the training pods mount it (train/k8s.py), so one path means one file
+    everywhere."""
     t_task = platform.task_timeout_minutes * 60
-    gpus = platform.gpu_tasks.accelerators if platform.gpu_tasks.accelerators is not None else nproc_per_node
+    gpus = platform.gpu_tasks.accelerator_count(nproc_per_node)
     t_train = train_timeout_minutes * 60 + 600  # the launcher's own timeout fires first
 
     def cpu(task: dsl.PipelineTask, network: bool = True) -> dsl.PipelineTask:
-        _place(task, platform.cpu_tasks, platform, t_task, network, platform.cpu_tasks.accelerators or 0, state_dir)
+        _place(task, platform.cpu_tasks, platform, k8s, t_task, network, platform.cpu_tasks.accelerators or 0,
+               state_dir)
         return task
 
     def gpu(task: dsl.PipelineTask, timeout_s: int) -> dsl.PipelineTask:
         # retried too: a preempted training task resumes from its newest complete checkpoint
-        _place(task, platform.gpu_tasks, platform, timeout_s, True, gpus, state_dir)
+        _place(task, platform.gpu_tasks, platform, k8s, timeout_s, True, gpus, state_dir)
         return task
 
     @dsl.pipeline(name=PIPELINE_NAME,
@@ -91,15 +97,15 @@ def build_pipeline(platform: PlatformConfig, train_timeout_minutes: int = 120,  
                 for t in (reg, dep, ana):
                     t.set_caching_options(False)
             with dsl.Else(name="evaluation-rejected"):
-                cpu(c.stop(config=config, parent_run_id=parent, reason="rejected by the evaluation gate"),
+                cpu(c.stop(config=config, parent_run_id=parent, reason=STOP_EVALUATION_GATE),
                     ).set_caching_options(False)
 
         with dsl.Else(name="data-rejected"):
-            cpu(c.stop(config=config, parent_run_id=parent, reason="stopped: data validation failed"),
+            cpu(c.stop(config=config, parent_run_id=parent, reason=STOP_DATA_GATE),
                 ).set_caching_options(False)
 
     return continuous_training
 
 
 # The committed YAML (pipelines/continuous_training.yaml) is this, compiled with the default platform.
-continuous_training = build_pipeline(PlatformConfig())
+continuous_training = build_pipeline(PlatformConfig(), KubernetesConfig())

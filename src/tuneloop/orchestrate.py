@@ -34,22 +34,23 @@ def pipeline_for(cfg: RunConfig | None):  # noqa: ANN201 - a KFP pipeline
     if cfg is None:
         return continuous_training
     check_cluster_paths(cfg)
-    return build_pipeline(cfg.platform, cfg.train.timeout_minutes, cfg.train.nproc_per_node, cfg.state_dir)
+    return build_pipeline(cfg.platform, cfg.kubernetes, cfg.train.timeout_minutes, cfg.train.nproc_per_node,
+                          cfg.state_dir)
 
 
 def check_cluster_paths(cfg: RunConfig) -> None:
-    """A cluster run's tasks see the state volume (platform.state_pvc) at state_dir and nothing
+    """A cluster run's tasks see the state volume (kubernetes.state_pvc) at state_dir and nothing
     else of the submitting machine: every local path the tasks read must lie below state_dir.
     ConfigError naming the first key that does not."""
     from pathlib import PurePosixPath
 
     from tuneloop.config import ConfigError
 
-    if not cfg.platform.state_pvc:
+    if not cfg.kubernetes.state_pvc:
         return
     state = PurePosixPath(cfg.state_dir)
     if not state.is_absolute():
-        raise ConfigError(f"state_dir: {cfg.state_dir!r} must be an absolute path on a cluster: platform.state_pvc "
+        raise ConfigError(f"state_dir: {cfg.state_dir!r} must be an absolute path on a cluster: kubernetes.state_pvc "
                           "is mounted there in every task")
     paths = [("base_model.path", cfg.base_model.path)]
     paths += [(f"data.sources[{i}].path", s.path) for i, s in enumerate(cfg.data.sources)]
@@ -58,7 +59,7 @@ def check_cluster_paths(cfg: RunConfig) -> None:
     for key, p in paths:
         if p and p.startswith("/") and state not in PurePosixPath(p).parents:
             raise ConfigError(f"{key}: {p} is not below state_dir {cfg.state_dir}; the pipeline's tasks only see "
-                              f"the state volume ({cfg.platform.state_pvc}), mounted at state_dir")
+                              f"the state volume ({cfg.kubernetes.state_pvc}), mounted at state_dir")
 
 
 def compile_pipeline(out: Path, cfg: RunConfig | None = None) -> Path:
@@ -91,9 +92,10 @@ def run_local(cfg: RunConfig, run_name: str | None = None) -> dict[str, Any]:
     from tuneloop.deploy.canary import start_gateway, stop_gateway
     from tuneloop.pipelines.continuous_training import continuous_training
 
+    from tuneloop.env import apply_defaults
+
     run_name = run_name or new_run_name(cfg)
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    apply_defaults()
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     cfg.state_path.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -199,18 +201,19 @@ def run_direct(cfg: RunConfig, run_name: str | None = None, work: Path | None = 
     process with no orchestrator (for debugging and as the overhead benchmark's baseline).
     The gateway must already be running for the local deploy backend."""
     from tuneloop import stages
+    from tuneloop.pipelines.continuous_training import STOP_DATA_GATE, STOP_EVALUATION_GATE
 
     run_name = run_name or new_run_name(cfg)
     work = work or Path(tempfile.mkdtemp(prefix="tuneloop-direct-"))
     pid = stages.check_prerequisites(cfg, run_name, run_name)["parent_run_id"]
     stages.ingest_stage(cfg, pid, work / "dataset")
     if not stages.validate_stage(cfg, pid, work / "dataset", work / "validation")["passed"]:
-        stages.stop_stage(cfg, pid, "stopped: data validation failed")
+        stages.stop_stage(cfg, pid, STOP_DATA_GATE)
         return read_summary(cfg, run_name)
     stages.sft_stage(cfg, pid, work / "dataset", work / "sft")
     stages.dpo_stage(cfg, pid, work / "dataset", work / "sft", work / "dpo")
     if not stages.evaluate_stage(cfg, pid, work / "dataset", work / "dpo", work / "evaluation")["passed"]:
-        stages.stop_stage(cfg, pid, "rejected by the evaluation gate")
+        stages.stop_stage(cfg, pid, STOP_EVALUATION_GATE)
         return read_summary(cfg, run_name)
     version = stages.register_stage(cfg, pid, work / "dpo", work / "evaluation", work / "dataset")["version"]
     deployed_at = stages.deploy_canary_stage(cfg, pid, version)["deployed_at"]

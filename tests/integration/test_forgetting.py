@@ -32,18 +32,19 @@ GATES = {
 def _train(model_dir: Path, files: list[str], out: Path, tmp: Path) -> Path:
     from transformers import AutoTokenizer
 
-    from tuneloop.config import DataConfig, DataSource
+    from tuneloop.config import DataConfig, DataSource, TrainConfig
     from tuneloop.data.formatting import ChatFormatter
     from tuneloop.data.ingest import ingest
-    from tuneloop.train.common import JobSpec
-    from tuneloop.train.launch import launch_local
+    from tuneloop.train.spec import JobSpec
+    from tuneloop.train.local import launch_local
 
     data = out / "data"
     ingest(DataConfig(sources=[DataSource(path=str(DEMO / f)) for f in files],
                       eval=[DataSource(path=str(DEMO / "eval"))]),
            ChatFormatter(AutoTokenizer.from_pretrained(str(model_dir))), data)
     spec = JobSpec(stage="sft", base_model_dir=str(model_dir), data_path=str(data / "sft.jsonl"),
-                   output_dir=str(out), hparams=HP, lora=LORA, deepspeed="none", seed=1)
+                   output_dir=str(out),
+                   train=TrainConfig(sft=HP, lora=LORA, deepspeed="none", seed=1))
     result = launch_local(spec, nproc=1, state_dir=tmp, timeout_s=600)
     assert result["final_loss"] < result["first_loss"]
     return out / "adapter"

@@ -22,7 +22,8 @@ from conftest import tiny_config
 from tuneloop.config import load_config
 from tuneloop.tiny import tiny_training_files
 from tuneloop.train.checkpoints import MARKER, newest_complete, step_of
-from tuneloop.train.launch import Preempted, TrainingFailed, build_spec, launch
+from tuneloop.train.launch import build_spec, launch
+from tuneloop.train.local import Preempted, TrainingFailed
 
 pytestmark = [pytest.mark.integration, pytest.mark.resume]
 

@@ -5,7 +5,6 @@ save reloads and generates."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 from conftest import tiny_config
@@ -95,8 +94,9 @@ def test_full_fine_tune_zero3_saves_a_model_that_generates(trained, tiny_model_d
     monkeypatch.setenv("TUNELOOP_ZERO3_PARTITION_ALL", "1")
     cfg, tmp = trained["cfg"], trained["tmp"]
     spec = build_spec(cfg, "sft", tiny_model_dir, trained["sft_data"], tmp / "full", pipeline_run="full")
-    spec = dataclasses.replace(spec, method="full", save_merged=False,
-                               hparams={**spec.hparams, "max_steps": 2})
+    train = spec.train.model_copy(update={"method": "full", "save_merged_model": False,
+                                         "sft": spec.train.sft.model_copy(update={"max_steps": 2})})
+    spec = spec.model_copy(update={"train": train})
     result = launch(cfg, spec, "full")
     _assert_partitioned(result)
     model = AutoModelForCausalLM.from_pretrained(str(tmp / "full" / "model")).eval()

@@ -25,11 +25,12 @@ def schema() -> dict:
 
 @pytest.fixture()
 def cfg(tmp_path, tiny_model_dir):  # noqa: ANN001, ANN201
-    return load_config(tiny_config(tmp_path, tiny_model_dir, deploy={
-        "backend": "kserve", "namespace": "ml", "canary": {"traffic_percent": 10},
+    return load_config(tiny_config(tmp_path, tiny_model_dir, kubernetes={"namespace": "ml"}, deploy={
+        "backend": "kserve", "canary": {"traffic_percent": 10},
         "kserve": {"base_model_uri": "s3://models/smollm2", "artifact_store_uri": "s3://mlflow",
                    "feedback_url": "http://tuneloop-feedback.ml:8080",
-                   "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}}))
+                   "resources": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                  "effect": "NoSchedule"}]}}}))
 
 
 def test_canary_and_champion_objects_match_the_crd(cfg, schema):  # noqa: ANN001

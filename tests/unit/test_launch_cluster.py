@@ -14,8 +14,10 @@ import yaml
 from conftest import tiny_config
 
 from tuneloop.config import load_config
-from tuneloop.train.launch import (ClusterLauncher, JobSpec, TrainingFailed, build_pytorchjob, build_trainjob,
-                                   job_name, pod_problem, pytorchjob_status, trainjob_status)
+from tuneloop.train.cluster import ClusterLauncher
+from tuneloop.train.k8s import build_pytorchjob, build_trainjob, job_name, pod_problem, pytorchjob_status, trainjob_status
+from tuneloop.train.local import TrainingFailed
+from tuneloop.train.spec import JobSpec
 
 pytestmark = pytest.mark.unit
 
@@ -63,16 +65,17 @@ def _check_against_crd(obj: dict[str, Any], filename: str) -> None:
 
 
 def _cfg(tmp_path: Path, backend: str, **train: Any):
-    cluster = {"image": "registry.example.com/tuneloop-train:1", "namespace": "ml", "gpus_per_node": 8,
-               "resources": {"cpu": "32", "memory": "256Gi"},
-               "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
-               "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    cluster = {"image": "registry.example.com/tuneloop-train:1",
+               "resources": {"cpu": "32", "memory": "256Gi", "accelerators": 8,
+                             "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
                "env": {"NCCL_DEBUG": "WARN"},
-               "secret_env": [{"name": "MLFLOW_TRACKING_TOKEN", "secret": "mlflow-token", "key": "token"},
-                              {"name": "AWS_SECRET_ACCESS_KEY", "secret": "s3-creds", "key": "secret"}],
                "poll_seconds": 5, "max_restarts": 2}
     cluster.update(train.pop("cluster", {}))
-    return load_config(tiny_config(tmp_path, Path("/nonexistent-model"), train__backend=backend,
+    kubernetes = {"namespace": "ml",
+                  "secrets": [{"name": "MLFLOW_TRACKING_TOKEN", "secret": "mlflow-token", "key": "token"},
+                              {"name": "AWS_SECRET_ACCESS_KEY", "secret": "s3-creds", "key": "secret"}]}
+    return load_config(tiny_config(tmp_path, Path("/nonexistent-model"), kubernetes=kubernetes, train__backend=backend,
                                    train__num_nodes=train.pop("num_nodes", 2),
                                    train__nproc_per_node=train.pop("nproc_per_node", 8),
                                    train__cluster=cluster, **{f"train__{k}": v for k, v in train.items()}))
@@ -258,8 +261,7 @@ def test_run_stages_inputs_on_the_state_volume_and_returns_the_outputs(tmp_path:
     base.mkdir(parents=True)
     data = tmp_path / "sft.jsonl"
     data.write_text('{"prompt": "p", "completion": "c"}\n')
-    spec = JobSpec(stage="sft", base_model_dir=str(base), data_path=str(data), output_dir=str(tmp_path / "kfp-out"),
-                   hparams={}, lora={})
+    spec = JobSpec(stage="sft", base_model_dir=str(base), data_path=str(data), output_dir=str(tmp_path / "kfp-out"))
 
     class Writes(FakeKubernetes):  # the pods' effect on the shared volume: the worker's outputs
         def get_namespaced_custom_object(self, *a, **kw):  # noqa: ANN002, ANN003
@@ -283,8 +285,7 @@ def test_run_stages_inputs_on_the_state_volume_and_returns_the_outputs(tmp_path:
 
 def test_run_refuses_a_base_model_the_pods_cannot_see(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "trainjob")
-    spec = JobSpec(stage="sft", base_model_dir=str(tmp_path / "elsewhere"), data_path="x", output_dir="y",
-                   hparams={}, lora={})
+    spec = JobSpec(stage="sft", base_model_dir=str(tmp_path / "elsewhere"), data_path="x", output_dir="y")
     fake = FakeKubernetes([])
     with pytest.raises(TrainingFailed, match="not under state_dir"):
         ClusterLauncher(cfg, fake, fake).run(spec, "run-1")

@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from tuneloop.train import launch as L
+from tuneloop.train import local
 
 pytestmark = pytest.mark.unit
 
@@ -31,10 +32,10 @@ Root Cause (first observed failure):
 
 
 def test_a_native_crash_is_told_apart_from_an_error():
-    assert L.crash_signal(ABORTED) == "SIGABRT"
+    assert local.crash_signal(ABORTED) == "SIGABRT"
     python_error = [line.replace("-6 (pid: 5359)  (SIGABRT)", "1 (pid: 5359)") for line in ABORTED]
-    assert L.crash_signal(python_error) is None  # rank 0 was only SIGTERMed by torchrun
-    assert L.crash_signal(["ValueError: bad dataset row 3"]) is None
+    assert local.crash_signal(python_error) is None  # rank 0 was only SIGTERMed by torchrun
+    assert local.crash_signal(["ValueError: bad dataset row 3"]) is None
 
 
 def test_one_relaunch_after_a_crash_then_the_crash_is_reported(tmp_path, tiny_model_dir, monkeypatch, caplog):
@@ -49,7 +50,7 @@ def test_one_relaunch_after_a_crash_then_the_crash_is_reported(tmp_path, tiny_mo
     def crashes_first(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         calls.append(1)
         if len(calls) == 1:
-            raise L.WorkerCrashed("dpo worker exited with 1", "SIGABRT")
+            raise local.WorkerCrashed("dpo worker exited with 1", "SIGABRT")
         return {"steps": 2}
 
     monkeypatch.setattr(L, "launch_local", crashes_first)
@@ -58,18 +59,18 @@ def test_one_relaunch_after_a_crash_then_the_crash_is_reported(tmp_path, tiny_mo
     assert len(calls) == 2 and "dpo: a rank died of SIGABRT; relaunching once" in caplog.text
 
     def always_crashes(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        raise L.WorkerCrashed("dpo worker exited with 1", "SIGSEGV")
+        raise local.WorkerCrashed("dpo worker exited with 1", "SIGSEGV")
 
     monkeypatch.setattr(L, "launch_local", always_crashes)
-    with pytest.raises(L.WorkerCrashed):
+    with pytest.raises(local.WorkerCrashed):
         L.launch(cfg, spec)
 
     def fails(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         calls.append(1)
-        raise L.TrainingFailed("dpo worker exited with 1: ValueError")
+        raise local.TrainingFailed("dpo worker exited with 1: ValueError")
 
     calls.clear()
     monkeypatch.setattr(L, "launch_local", fails)
-    with pytest.raises(L.TrainingFailed):
+    with pytest.raises(local.TrainingFailed):
         L.launch(cfg, spec)
     assert len(calls) == 1, "an error of ours is not retried"

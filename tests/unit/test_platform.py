@@ -28,9 +28,9 @@ def _containers(path) -> dict:  # noqa: ANN001
 def test_compiled_pipeline_places_gpu_and_cpu_tasks(tmp_path, tiny_model_dir):
     # cluster-shaped: everything the tasks read lies on the state volume, mounted at state_dir
     shutil.copytree(tiny_model_dir, tmp_path / "models" / "base")
-    cfg = tiny_config(tmp_path, tmp_path / "models" / "base", state_dir=str(tmp_path), platform={
-        "state_pvc": "tl-state", "secrets": [{"name": "MLFLOW_TRACKING_PASSWORD", "secret": "mlflow-auth", "key": "password"}],
-        "gpu_tasks": {"cpu": "8", "memory": "64Gi", "accelerator_type": "nvidia.com/gpu", "accelerators": 2,
+    cfg = tiny_config(tmp_path, tmp_path / "models" / "base", state_dir=str(tmp_path), kubernetes={
+        "state_pvc": "tl-state", "secrets": [{"name": "MLFLOW_TRACKING_PASSWORD", "secret": "mlflow-auth", "key": "password"}]},
+        platform={"gpu_tasks": {"cpu": "8", "memory": "64Gi", "accelerator_type": "nvidia.com/gpu", "accelerators": 2,
                       "node_selector": {"gpu": "h100"},
                       "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]}})
     out = tmp_path / "p.yaml"
@@ -77,7 +77,7 @@ def test_cluster_paths_must_lie_on_the_state_volume(tmp_path, tiny_model_dir, ke
     cfg = load_config(tiny_config(tmp_path, model, state_dir=str(tmp_path), **override))
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: .* is not below state_dir"):
         check_cluster_paths(cfg)
-    cfg.platform.state_pvc = None  # no volume: nothing to check
+    cfg.kubernetes.state_pvc = None  # no volume: nothing to check
     check_cluster_paths(cfg)
 
 

@@ -82,10 +82,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/*
 The run config as stored in the ConfigMap, wired to this release where runConfig leaves a key out:
 - registry.tracking_uri: the chart's MLflow;
-- platform.state_pvc: stateVolume.existingClaim (mounted at state_dir in every pipeline task);
-- platform.secrets: the MLflow credentials (basic auth) and the feedback database URL, as env;
+- kubernetes.state_pvc: stateVolume.existingClaim (mounted at state_dir in every pipeline task
+  and training pod);
+- kubernetes.secrets: the MLflow credentials (basic auth) and the feedback database URL, as env
+  of every pipeline task and training pod;
 - deploy.feedback_store_env: that env var, when the feedback store is Postgres;
-- deploy.namespace: the release namespace; deploy.kserve.feedback_url: the chart's feedback
+- kubernetes.namespace: the release namespace; deploy.kserve.feedback_url: the chart's feedback
   service; deploy.kserve.artifact_store_uri: MLflow's s3:// artifact destination;
   deploy.kserve.base_model_uri: base_model.path on the state volume (pvc://).
 */}}
@@ -97,11 +99,11 @@ The run config as stored in the ConfigMap, wired to this release where runConfig
 {{- $_ := set $registry "tracking_uri" (include "tuneloop.mlflowUrl" .) -}}
 {{- end -}}
 {{- $_ := set $cfg "registry" $registry -}}
-{{- $platform := default dict (get $cfg "platform") -}}
-{{- if not (hasKey $platform "state_pvc") -}}
-{{- $_ := set $platform "state_pvc" (default nil $v.stateVolume.existingClaim) -}}
+{{- $k8s := default dict (get $cfg "kubernetes") -}}
+{{- if not (hasKey $k8s "state_pvc") -}}
+{{- $_ := set $k8s "state_pvc" (default nil $v.stateVolume.existingClaim) -}}
 {{- end -}}
-{{- $secrets := default list (get $platform "secrets") -}}
+{{- $secrets := default list (get $k8s "secrets") -}}
 {{- $names := list -}}
 {{- range $secrets }}{{ $names = append $names .name }}{{ end -}}
 {{- if and $v.mlflow.enabled $v.mlflow.auth.enabled -}}
@@ -120,11 +122,11 @@ The run config as stored in the ConfigMap, wired to this release where runConfig
 {{- $secrets = append $secrets (dict "name" $env "secret" $v.feedback.database.existingSecret "key" $v.feedback.database.urlKey) -}}
 {{- end -}}
 {{- end -}}
-{{- $_ := set $platform "secrets" $secrets -}}
-{{- $_ := set $cfg "platform" $platform -}}
-{{- if not (get $deploy "namespace") -}}
-{{- $_ := set $deploy "namespace" .Release.Namespace -}}
+{{- $_ := set $k8s "secrets" $secrets -}}
+{{- if not (get $k8s "namespace") -}}
+{{- $_ := set $k8s "namespace" .Release.Namespace -}}
 {{- end -}}
+{{- $_ := set $cfg "kubernetes" $k8s -}}
 {{- if eq (get $deploy "backend") "kserve" -}}
 {{- $ks := default dict (get $deploy "kserve") -}}
 {{- if and $v.feedback.enabled (not (get $ks "feedback_url")) -}}

@@ -29,16 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.config import DriftConfig
+from tuneloop.jsonl import read_jsonl
+from tuneloop.pkgdata import PREFIX, resolve
 
 log = logging.getLogger("tuneloop.drift")
 _WORD = re.compile(r"[^\W\d_]+")
 DESCRIPTORS = ("prompt_chars", "prompt_words", "prompt_non_letter_pct", "answer_chars", "answer_words",
                "prompt_oov_share")
-
-
-def _records(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _rank(rid: Any) -> str:
@@ -57,10 +54,8 @@ def _words(text: str) -> list[str]:
 
 def embedding_model_dir(spec: str) -> Path:
     """pkg://<package> (the package folder, or its model/ subfolder) or a folder."""
-    if spec.startswith("pkg://"):
-        from tuneloop.models import _package_dir
-
-        d = _package_dir(spec)
+    if spec.startswith(PREFIX):
+        d = resolve(spec, "data.drift.embedding_model")
         return d / "model" if (d / "model" / "config.json").exists() else d
     return Path(spec)
 
@@ -107,7 +102,7 @@ def drift_report(current: Path, reference: Path | None, out: Path, cfg: DriftCon
         from evidently.metrics import EmbeddingsDrift
         from evidently.presets import DataDriftPreset
 
-    ref_all, cur_all = _records(reference), _records(current)
+    ref_all, cur_all = read_jsonl(reference), read_jsonl(current)
     # at most half of the reference is sampled: the other half is the held-out vocabulary
     ref_rows, vocab_rows = _split(ref_all, min(cfg.sample, max(2, len(ref_all) // 2)))
     cur_rows, _ = _split(cur_all, cfg.sample)

@@ -14,7 +14,6 @@ training set already held its replay, older data keeps a geometrically shrinking
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tuneloop.jsonl import iter_jsonl
 
 log = logging.getLogger("tuneloop.replay")
 REPLAY_SEED = "tuneloop-replay"
@@ -65,13 +66,6 @@ def _key(rid: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{REPLAY_SEED}\0{rid}".encode()).digest()[:8], "big")
 
 
-def _rows(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
-
-
 def count_records(path: Path) -> int:
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
@@ -81,10 +75,10 @@ def sample_records(path: Path, n: int) -> Iterator[dict[str, Any]]:
     """The n records with the smallest hash of their id, in file order, as raw ingest records."""
     if n <= 0:
         return
-    keys = np.fromiter((_key(str(r["id"])) for r in _rows(path)), dtype=np.uint64)
+    keys = np.fromiter((_key(str(r["id"])) for r in iter_jsonl(path)), dtype=np.uint64)
     cut = np.partition(keys, n - 1)[n - 1] if n < len(keys) else np.iinfo(np.uint64).max
     kept = 0
-    for r in _rows(path):
+    for r in iter_jsonl(path):
         if kept < n and _key(str(r["id"])) <= cut:
             kept += 1
             yield to_raw(r)

@@ -10,13 +10,11 @@ rollback         canary removed (the version is tagged rolled_back), gateway rel
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +22,7 @@ import httpx
 from tuneloop.config import RunConfig
 from tuneloop.evaluate.metrics import normalize_answer
 from tuneloop.evaluate.stats import fisher_greater, p95, welch_less
+from tuneloop.jsonl import read_jsonl
 from tuneloop.registry import TAG_CANARY_PERCENT, Registry
 
 log = logging.getLogger("tuneloop.canary")
@@ -113,7 +112,7 @@ def replay_traffic(cfg: RunConfig, since: float) -> int:
     user's judgement (score 1 if the answer matches it, else 0 and the reference as correction)."""
     c = cfg.deploy.canary
     assert c.traffic_file is not None
-    rows = [json.loads(line) for line in Path(c.traffic_file).read_text().splitlines() if line.strip()]
+    rows = read_jsonl(c.traffic_file)
     sent = 0
     with httpx.Client(base_url=cfg.deploy.gateway_url, timeout=120) as http:
         for i in range(c.requests):

@@ -57,8 +57,7 @@ def inference_service(cfg: RunConfig, version: str, adapter_uri: str, canary_per
             "runtime": k.runtime,
             "args": [f"--model_name={name}", f"--model_dir={BASE_MOUNT}", "--backend=vllm", "--enable-lora",
                      f"--lora-modules={name}-v{version}={ADAPTER_MOUNT}", f"--max-lora-rank={cfg.train.lora.r}"],
-            "resources": {"limits": {"cpu": k.cpu, "memory": k.memory, "nvidia.com/gpu": str(k.gpus)},
-                          "requests": {"cpu": k.cpu, "memory": k.memory, "nvidia.com/gpu": str(k.gpus)}},
+            "resources": k.resources.container_resources(0),
         },
         "storageUris": [{"uri": k.base_model_uri, "mountPath": BASE_MOUNT},
                         {"uri": adapter_uri, "mountPath": ADAPTER_MOUNT}],
@@ -68,12 +67,9 @@ def inference_service(cfg: RunConfig, version: str, adapter_uri: str, canary_per
     if k.feedback_url:
         predictor["logger"] = {"mode": "all", "url": f"{k.feedback_url.rstrip('/')}/v1/kserve-events"
                                                      f"?version={version}&variant={variant}"}
-    if k.node_selector:
-        predictor["nodeSelector"] = dict(k.node_selector)
-    if k.tolerations:
-        predictor["tolerations"] = [t.model_dump(exclude_none=True) for t in k.tolerations]
+    predictor.update(k.resources.placement())
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceService",
-            "metadata": {"name": name, "namespace": cfg.deploy.namespace,
+            "metadata": {"name": name, "namespace": cfg.kubernetes.namespace,
                          "labels": {"app.kubernetes.io/part-of": "tuneloop", "tuneloop.io/model-version": version},
                          "annotations": {"serving.kserve.io/deploymentMode": "Serverless"}},  # canary needs Knative
             "spec": {"predictor": predictor}}
@@ -143,22 +139,22 @@ def _adapter_uri(cfg: RunConfig, version: str) -> str:
 def deploy(cfg: RunConfig, version: str, api: Any | None = None) -> dict[str, Any]:
     ks = KServe(api)
     obj = ks.apply(inference_service(cfg, version, _adapter_uri(cfg, version), cfg.deploy.canary.traffic_percent))
-    ks.wait_ready(service_name(cfg), cfg.deploy.namespace)
+    ks.wait_ready(service_name(cfg), cfg.kubernetes.namespace)
     return obj
 
 
 def promote(cfg: RunConfig, version: str, api: Any | None = None) -> dict[str, Any]:
     ks = KServe(api)
-    ks.set_canary_percent(service_name(cfg), cfg.deploy.namespace, None)
+    ks.set_canary_percent(service_name(cfg), cfg.kubernetes.namespace, None)
     # the champion's spec again, without canary and with the champion's logger labels
     obj = ks.apply(inference_service(cfg, version, _adapter_uri(cfg, version), None))
-    ks.wait_ready(service_name(cfg), cfg.deploy.namespace)
+    ks.wait_ready(service_name(cfg), cfg.kubernetes.namespace)
     return obj
 
 
 def rollback(cfg: RunConfig, champion_version: str | None, api: Any | None = None) -> dict[str, Any] | None:
     ks = KServe(api)
-    name, ns = service_name(cfg), cfg.deploy.namespace
+    name, ns = service_name(cfg), cfg.kubernetes.namespace
     ks.set_canary_percent(name, ns, 0)  # all traffic back to the previous revision at once
     if champion_version is None:
         return None

@@ -10,11 +10,12 @@ import  the filled CSV(s) -> agreement per rubric dimension (Cohen's kappa, quad
 from __future__ import annotations
 
 import csv
-import json
 import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from tuneloop.jsonl import read_jsonl
 
 RUBRIC = ("helpfulness", "harmlessness", "honesty")
 SCALE = (1, 2, 3, 4, 5)
@@ -28,7 +29,7 @@ class ReviewRejected(ValueError):
 def export_sample(predictions: Path, out: Path, per_slice: int, raters: list[str], seed: int = 0,
                   model: str = "candidate") -> dict[str, int]:
     """Stratified sample: up to `per_slice` items from every slice, one row per rater."""
-    rows = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(predictions)
     by_slice: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if r.get("model") == model:

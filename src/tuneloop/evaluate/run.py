@@ -22,14 +22,9 @@ from typing import Any
 from tuneloop.config import PREFERENCE_SLICE, SAFETY_SLICE, EvaluateConfig
 from tuneloop.evaluate.gates import apply_gates, gate_table
 from tuneloop.evaluate.metrics import slice_metrics, slice_values
+from tuneloop.jsonl import read_jsonl, write_jsonl
 
 REPORT_METRICS = ("accuracy", "macro_f1", "cost", "exact_match", "token_f1", "rouge_l", "nll", "perplexity")
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def model_ref(base_dir: Path, path: Path | None) -> tuple[Path, Path | None]:
@@ -72,10 +67,10 @@ def evaluate_models(cfg: EvaluateConfig, base_dir: Path, eval_path: Path, candid
                     eval_pref_path: Path | None = None, trained_slices: list[str] | None = None) -> dict[str, Any]:
     from tuneloop.evaluate.safety import load_prompts
 
-    records = _read_jsonl(eval_path)
+    records = read_jsonl(eval_path) if eval_path.exists() else []
     if not records:
         raise ValueError(f"{eval_path}: no evaluation records")
-    pairs = _read_jsonl(eval_pref_path) if eval_pref_path else []
+    pairs = read_jsonl(eval_pref_path) if eval_pref_path and eval_pref_path.exists() else []
     red_team = load_prompts(cfg.safety, cfg.seed) if cfg.safety is not None else []
     out.mkdir(parents=True, exist_ok=True)
     runs = {"candidate": _run_model(*model_ref(base_dir, candidate), records, pairs, red_team, cfg, system_prompt),
@@ -102,15 +97,10 @@ def evaluate_models(cfg: EvaluateConfig, base_dir: Path, eval_path: Path, candid
                                      "records for them"})
         gate["passed"] = False
 
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for who, r in runs.items():
-            for row in r["scored"]:
-                f.write(json.dumps({"model": who, **row}, ensure_ascii=False) + "\n")
+    write_jsonl(out / "predictions.jsonl", ({"model": who, **row} for who, r in runs.items() for row in r["scored"]))
     if red_team:
-        with open(out / "safety.jsonl", "w", encoding="utf-8") as f:
-            for who, r in runs.items():
-                for ex in r["safety"]["examples"]:
-                    f.write(json.dumps({"model": who, **ex}, ensure_ascii=False) + "\n")
+        write_jsonl(out / "safety.jsonl",
+                    ({"model": who, **ex} for who, r in runs.items() for ex in r["safety"]["examples"]))
     (out / "metrics.json").write_text(json.dumps({**metrics, "reference": reference_name}, indent=2))
     (out / "gate.json").write_text(json.dumps(gate, indent=2))
     (out / "report.md").write_text(report_markdown(metrics, gate, reference_name))

@@ -24,6 +24,7 @@ from typing import Any
 
 from tuneloop.config import RunConfig
 from tuneloop.evaluate.stats import p95, spc
+from tuneloop.jsonl import write_jsonl
 
 log = logging.getLogger("tuneloop.monitor")
 
@@ -89,11 +90,10 @@ def _window_prompts(store: Any, since: float, out: Path) -> Path:
     from tuneloop.feedback.store import Request
 
     store.flush()
-    path = out / "production_prompts.jsonl"
-    with Session(store.engine) as s, open(path, "w", encoding="utf-8") as f:
-        for r in s.scalars(select(Request).where(Request.created >= since)):  # any variant: prompts are prompts
-            f.write(json.dumps({"id": r.request_id, "user_text": r.prompt, "response": r.output}) + "\n")
-    return path
+    with Session(store.engine) as s:
+        rows = s.scalars(select(Request).where(Request.created >= since))  # any variant: prompts are prompts
+        return write_jsonl(out / "production_prompts.jsonl",
+                           ({"id": r.request_id, "user_text": r.prompt, "response": r.output} for r in rows))
 
 
 def prometheus_text(report: dict[str, Any]) -> str:

@@ -1,8 +1,8 @@
-"""What SFT and DPO workers share: the job spec, distributed set-up, progress, saving.
+"""What SFT and DPO workers share: distributed set-up, trainer arguments, progress, saving.
 
 A worker is started by `tuneloop.train.launch` (torchrun locally, a TrainJob or PyTorchJob
-on a cluster) as `python -m tuneloop.train.sft SPEC.json` or `... .dpo SPEC.json`. The spec is
-a small JSON file; datasets, models and adapters are paths in durable storage.
+on a cluster) as `python -m tuneloop.train.sft SPEC.json` or `... .dpo SPEC.json`; the spec
+(train/spec.py) carries the run config's validated `train` section.
 """
 
 from __future__ import annotations
@@ -13,48 +13,14 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tuneloop.train.spec import JobSpec
 
 log = logging.getLogger("tuneloop.train")
 
 DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
-
-
-@dataclass
-class JobSpec:
-    """Everything one training worker needs; written by the launcher, read by every rank."""
-
-    stage: str  # "sft" | "dpo"
-    base_model_dir: str
-    data_path: str
-    output_dir: str
-    hparams: dict[str, Any]  # the stage's section of the run config (SFTConfig / DPOConfig fields)
-    lora: dict[str, Any]
-    deepspeed: str = "zero3"
-    seed: int = 42
-    init_adapter_dir: str | None = None  # DPO continues the SFT adapter
-    mlflow: dict[str, str] = field(default_factory=dict)  # tracking_uri, run_id: live metrics
-    persistence_threshold_zero: bool = False  # tests: force ZeRO-3 to partition tiny models
-    method: str = "lora"  # lora | qlora | full
-    attention: str = "auto"  # auto | sdpa | flash_attention_2 | eager
-    bf16: str = "auto"  # auto | on | off
-    gradient_checkpointing: bool = False
-    liger_kernels: bool = False
-    save_merged: bool = False
-    checkpoint_dir: str | None = None  # durable: <state_dir>/checkpoints/<pipeline run>/<stage>
-    checkpoint_every: int = 0  # optimizer steps; 0: only on SIGTERM
-    checkpoint_keep: int = 2
-    checkpoint_mirror: str | None = None  # s3://... copy of every complete checkpoint
-
-    def write(self, path: Path) -> Path:
-        path.write_text(json.dumps(asdict(self), indent=2))
-        return path
-
-    @classmethod
-    def read(cls, path: str | Path) -> JobSpec:
-        return cls(**json.loads(Path(path).read_text()))
 
 
 def rank() -> int:
@@ -74,9 +40,9 @@ def setup_logging() -> None:
 
 def deepspeed_config(spec: JobSpec) -> dict[str, Any] | None:
     """Load the checked-in strategy JSON; tests may force real partitioning of tiny models."""
-    if spec.deepspeed == "none":
+    if spec.train.deepspeed == "none":
         return None
-    cfg = json.loads((DEEPSPEED_DIR / f"{spec.deepspeed}.json").read_text())
+    cfg = json.loads((DEEPSPEED_DIR / f"{spec.train.deepspeed}.json").read_text())
     if spec.persistence_threshold_zero and cfg["zero_optimization"]["stage"] == 3:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         cfg["zero_optimization"]["stage3_model_persistence_threshold"] = 0
@@ -91,7 +57,7 @@ def prepare_cpu_distributed(spec: JobSpec) -> dict[str, Any]:
     """
     import torch
 
-    if torch.cuda.is_available() or spec.deepspeed == "none" or world_size() == 1:
+    if torch.cuda.is_available() or spec.train.deepspeed == "none" or world_size() == 1:
         return {}
     os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
     from accelerate import PartialState
@@ -117,36 +83,42 @@ def records_dataset(spec: JobSpec, rows: list[dict[str, Any]]) -> Any:
                                        cache_file_name=str(cache / f"{spec.stage}-records-rank{rank()}.arrow"))
 
 
-def training_arguments(spec: JobSpec) -> dict[str, Any]:
-    """Arguments shared by SFTConfig and DPOConfig, derived from the run config section."""
+def trainer_arguments(spec: JobSpec) -> dict[str, Any]:
+    """The stage's trainer arguments (trl.SFTConfig / trl.DPOConfig) from the run config: the one place
+    where config fields are renamed to HF/TRL's names. A new training option is a config field plus
+    one line here."""
     import torch
 
-    hp = spec.hparams
+    t, hp = spec.train, spec.section
     args: dict[str, Any] = dict(
         output_dir=str(work_dir(spec)),
-        max_steps=hp["max_steps"],
-        num_train_epochs=hp["epochs"],
-        learning_rate=hp["learning_rate"],
-        per_device_train_batch_size=hp["per_device_batch_size"],
-        gradient_accumulation_steps=hp["gradient_accumulation_steps"],
-        max_length=hp["max_length"],
-        logging_steps=hp["logging_steps"],
+        max_steps=hp.max_steps,
+        num_train_epochs=hp.epochs,
+        learning_rate=hp.learning_rate,
+        warmup_ratio=hp.warmup_ratio,
+        per_device_train_batch_size=hp.per_device_batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        max_length=hp.max_length,
+        logging_steps=hp.logging_steps,
         lr_scheduler_type="linear",
-        warmup_steps=0,
-        seed=spec.seed,
-        data_seed=spec.seed,
-        save_strategy="steps" if spec.checkpoint_every > 0 else "no",  # SIGTERM saves either way
-        save_steps=max(spec.checkpoint_every, 1),
-        save_total_limit=spec.checkpoint_keep,
+        seed=t.seed,
+        data_seed=t.seed,
+        save_strategy="steps" if t.checkpoint.every_steps > 0 else "no",  # SIGTERM saves either way
+        save_steps=max(t.checkpoint.every_steps, 1),
+        save_total_limit=t.checkpoint.keep,
         report_to="none",
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
         bf16=use_bf16(spec),
-        gradient_checkpointing=spec.gradient_checkpointing,  # TRL's default is on; here it is an option
-        use_liger_kernel=spec.liger_kernels,
+        gradient_checkpointing=t.gradient_checkpointing,  # TRL's default is on; here it is an option
+        use_liger_kernel=t.liger_kernels,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
     )
+    if spec.stage == "sft":
+        args.update(completion_only_loss=True, packing=t.sft.packing, packing_strategy="bfd")
+    else:
+        args.update(beta=t.dpo.beta, precompute_ref_log_probs=t.dpo.precompute_ref_log_probs)
     ds = deepspeed_config(spec)
     if ds is not None:
         args["deepspeed"] = ds
@@ -165,19 +137,19 @@ def check_host(spec: JobSpec) -> None:
     import torch
 
     if torch.cuda.is_available():
-        missing = [(opt, pkg) for opt, pkg, on in (("method qlora", "bitsandbytes", spec.method == "qlora"),
-                                                    ("liger_kernels", "liger_kernel", spec.liger_kernels),
+        missing = [(opt, pkg) for opt, pkg, on in (("method qlora", "bitsandbytes", spec.train.method == "qlora"),
+                                                    ("liger_kernels", "liger_kernel", spec.train.liger_kernels),
                                                     ("attention flash_attention_2", "flash_attn",
-                                                     spec.attention == "flash_attention_2"))
+                                                     spec.train.attention == "flash_attention_2"))
                    if on and importlib.util.find_spec(pkg) is None]
         if missing:
             raise UnsupportedOnThisHost("; ".join(f"train.{o} needs the {p} package (install tuneloop[gpu])"
                                                   for o, p in missing))
         return
-    wanted = [o for o, on in (("method: qlora (4-bit bitsandbytes)", spec.method == "qlora"),
-                              ("liger_kernels: true", spec.liger_kernels),
-                              ("attention: flash_attention_2", spec.attention == "flash_attention_2"),
-                              ("bf16: on", spec.bf16 == "on")) if on]
+    wanted = [o for o, on in (("method: qlora (4-bit bitsandbytes)", spec.train.method == "qlora"),
+                              ("liger_kernels: true", spec.train.liger_kernels),
+                              ("attention: flash_attention_2", spec.train.attention == "flash_attention_2"),
+                              ("bf16: on", spec.train.bf16 == "on")) if on]
     if wanted:
         raise UnsupportedOnThisHost(f"train.{', train.'.join(wanted)}: needs a CUDA GPU and this host has none "
                                     "(use method lora / the defaults on CPU)")
@@ -186,8 +158,8 @@ def check_host(spec: JobSpec) -> None:
 def use_bf16(spec: JobSpec) -> bool:
     import torch
 
-    if spec.bf16 != "auto":
-        return spec.bf16 == "on"
+    if spec.train.bf16 != "auto":
+        return spec.train.bf16 == "on"
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
@@ -196,8 +168,8 @@ def attention_impl(spec: JobSpec) -> str:
 
     import torch
 
-    if spec.attention != "auto":
-        return spec.attention
+    if spec.train.attention != "auto":
+        return spec.train.attention
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
@@ -212,27 +184,28 @@ def load_model(spec: JobSpec) -> Any:
 
     bf16 = use_bf16(spec)
     # a full fine-tune without DeepSpeed keeps fp32 weights (AdamW on bf16 weights loses the updates)
-    dtype = torch.bfloat16 if bf16 and (spec.method != "full" or spec.deepspeed != "none") else torch.float32
+    dtype = torch.bfloat16 if bf16 and (spec.train.method != "full" or spec.train.deepspeed != "none") else torch.float32
     kw: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention_impl(spec)}
-    if spec.method == "qlora":
+    if spec.train.method == "qlora":
         from transformers import BitsAndBytesConfig
 
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)  # storage dtype: ZeRO-3
-        if spec.deepspeed in ("none", "zero2"):
+        if spec.train.deepspeed in ("none", "zero2"):
             kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     return AutoModelForCausalLM.from_pretrained(spec.base_model_dir, **kw)
 
 
 def lora_config(spec: JobSpec) -> Any:
     """The peft LoraConfig of the spec, or None for a full fine-tune."""
-    if spec.method == "full":
+    if spec.train.method == "full":
         return None
     from peft import LoraConfig
 
-    return LoraConfig(r=spec.lora["r"], lora_alpha=spec.lora["alpha"], lora_dropout=spec.lora["dropout"],
-                      target_modules=spec.lora["target_modules"], task_type="CAUSAL_LM")
+    lora = spec.train.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                      task_type="CAUSAL_LM")
 
 
 def partition_stats(model: Any) -> dict[str, Any]:
@@ -330,7 +303,7 @@ def write_result(spec: JobSpec, trainer: Any, started: float, extra: dict[str, A
     train_s = extra.get("train_s") or elapsed
     result = {
         "stage": spec.stage,
-        "method": spec.method,
+        "method": spec.train.method,
         "steps": trainer.state.global_step,
         "first_loss": hist[0]["loss"] if hist else None,
         "final_loss": hist[-1]["loss"] if hist else None,
@@ -339,7 +312,7 @@ def write_result(spec: JobSpec, trainer: Any, started: float, extra: dict[str, A
         "tokens_per_s": tokens / train_s if train_s > 0 else 0.0,  # while training, start-up excluded
         "wall_s": elapsed,
         "world_size": world_size(),
-        "deepspeed": spec.deepspeed,
+        "deepspeed": spec.train.deepspeed,
         **extra,
     }
     (Path(spec.output_dir) / "train_metrics.json").write_text(json.dumps(result, indent=2))
@@ -348,7 +321,7 @@ def write_result(spec: JobSpec, trainer: Any, started: float, extra: dict[str, A
 def save_adapter(trainer: Any, spec: JobSpec, tokenizer: Any) -> Path:
     """Save the LoRA adapter (gathered from ZeRO-3 shards by the trainer) and the tokenizer; a full
     fine-tune saves the whole model to `model/` instead (16-bit gather on save, see zero3.json)."""
-    out = Path(spec.output_dir) / ("model" if spec.method == "full" else "adapter")
+    out = Path(spec.output_dir) / ("model" if spec.train.method == "full" else "adapter")
     trainer.save_model(str(out))
     if rank() == 0:
         tokenizer.save_pretrained(str(out))
@@ -394,7 +367,7 @@ def run_training(spec: JobSpec, build: Callable[[JobSpec, list[Any]], tuple[Any,
 
     check_host(spec)
     started = time.perf_counter()
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(spec.train.seed)
     progress, preempt, part = progress_callback(spec), preemption_callback(spec.checkpoint_mirror), \
         partition_callback(spec)
     trainer, tokenizer = build(spec, [progress, preempt, part])
@@ -408,7 +381,7 @@ def run_training(spec: JobSpec, build: Callable[[JobSpec, list[Any]], tuple[Any,
         log.warning("%s: %s; a rerun resumes from it", spec.stage, PREEMPTED_LOG)
         sys.exit(PREEMPTED_EXIT)
     saved = save_adapter(trainer, spec, tokenizer)
-    if spec.save_merged and spec.method != "full":
+    if spec.train.save_merged_model and spec.train.method != "full":
         save_merged(spec, saved, tokenizer)
     write_result(spec, trainer, started, {"zero": part.stats, "resumed_from_step": step_of(resume) if resume else None,
                                           "tokens_before_resume": progress.tokens0, "train_s": train_s})

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneloop.train.common import (JobSpec, load_jsonl, load_model, lora_config, records_dataset, run_training,
-                                   training_arguments, worker_main)
+from tuneloop.train.common import (load_jsonl, load_model, lora_config, records_dataset, run_training, trainer_arguments,
+                                   worker_main)
+from tuneloop.train.spec import JobSpec
 
 
 def build_dpo_trainer(spec: JobSpec, callbacks: list[Any]) -> tuple[Any, Any]:
@@ -21,11 +22,10 @@ def build_dpo_trainer(spec: JobSpec, callbacks: list[Any]) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(**training_arguments(spec), beta=spec.hparams["beta"],
-                     precompute_ref_log_probs=spec.hparams.get("precompute_ref_log_probs", False))
+    args = DPOConfig(**trainer_arguments(spec))
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
     model = load_model(spec)
-    if spec.method != "full":
+    if spec.train.method != "full":
         if spec.init_adapter_dir:
             model = PeftModel.from_pretrained(model, spec.init_adapter_dir, is_trainable=True)
         else:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneloop.train.common import (JobSpec, load_jsonl, load_model, lora_config, records_dataset, run_training,
-                                   training_arguments, worker_main)
+from tuneloop.train.common import (load_jsonl, load_model, lora_config, records_dataset, run_training, trainer_arguments,
+                                   worker_main)
+from tuneloop.train.spec import JobSpec
 
 
 def build_sft_trainer(spec: JobSpec, callbacks: list[Any]) -> tuple[Any, Any]:
@@ -22,8 +23,7 @@ def build_sft_trainer(spec: JobSpec, callbacks: list[Any]) -> tuple[Any, Any]:
 
     # Build the arguments before loading the model: with ZeRO-3 that activates zero.Init,
     # so the weights are partitioned as they load.
-    args = SFTConfig(**training_arguments(spec), completion_only_loss=True,
-                     packing=spec.hparams.get("packing", False), packing_strategy="bfd")
+    args = SFTConfig(**trainer_arguments(spec))
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
     model = load_model(spec)
     records = load_jsonl(spec.data_path)

@@ -1,0 +1,136 @@
+"""Commands that work on files without a run config: evaluate, ingest."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tuneloop.cli.shared import app, console, fail, fail_line
+
+
+@app.command()
+def evaluate(
+    candidate: Annotated[Path, typer.Option(help="Candidate: a LoRA adapter folder or a save_pretrained model folder.")],
+    data: Annotated[list[str], typer.Option(help="Held-out eval file or folder (JSONL/CSV/Parquet: prompt, response, "
+                                                 "slice; preference pairs with chosen/rejected). Repeatable.")],
+    gates: Annotated[Path, typer.Option(help="YAML with the `evaluate` section of a run config: slices, gates, "
+                                             "optional safety.")],
+    out: Annotated[Path, typer.Option(help="Output folder: gate.json, report.md, metrics.json, predictions.jsonl.")],
+    champion: Annotated[Path | None, typer.Option(help="Champion (adapter or model folder); default: the base "
+                                                       "model stands in for it.")] = None,
+    base: Annotated[Path | None, typer.Option(help="Base model folder for adapters; default: the candidate "
+                                                   "adapter's base_model_name_or_path.")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="System message for every prompt (as in the run "
+                                                           "config's data.system_prompt).")] = None,
+) -> None:
+    """Score candidate and champion on the same held-out data per slice and apply the gate.
+
+    Exits 0 whether the gate passes or fails (the decision is in OUT/gate.json), non-zero on error.
+    """
+    from tuneloop.config import ConfigError
+    from tuneloop.data.readers import SourceError
+    from tuneloop.evaluate.run import evaluate_paths
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        result = evaluate_paths(candidate, champion, data, gates, out, base, system_prompt)
+    except (ConfigError, SourceError, FileNotFoundError, ValueError) as e:
+        fail(str(e), 2)
+    g = result["gate"]
+    console.print(f"gate {'PASSED' if g['passed'] else 'FAILED'} (reference: {g['reference']}); "
+                  f"{sum(r['passed'] for r in g['rules'])}/{len(g['rules'])} rules pass")
+    for r in g["rules"]:
+        if not r["passed"]:
+            console.print(f"  FAIL {r['slice']}/{r['metric']}: {r['why']}")
+    console.print(f"wrote {out / 'gate.json'} and {out / 'report.md'}")
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[str], typer.Argument(help="Files or folders of .jsonl/.csv/.parquet records (folders are "
+                                                    "read recursively), local or s3://bucket/prefix/.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: accepted.jsonl, quarantine.jsonl, report.json "
+                                                    "(and eval.jsonl with --eval).")],
+    eval_: Annotated[list[str] | None, typer.Option(
+        "--eval", help="Held-out eval set (repeatable): training records that repeat or nearly repeat one of its "
+                       "prompts are quarantined as eval leaks.")] = None,
+    kind: Annotated[str, typer.Option(help="auto: records with chosen/rejected are preference pairs, the rest SFT "
+                                           "(messages or prompt/response); or sft, preference, classification.")]
+    = "auto",
+    template: Annotated[str | None, typer.Option(
+        help="Classification records: the instruction with record fields in braces, e.g. "
+             "'Route this ticket: {text}' (implies --kind classification).")] = None,
+    label_field: Annotated[str, typer.Option(help="Classification records: the field with the answer.")] = "label",
+    slice_: Annotated[str | None, typer.Option("--slice", help="Slice label for records that carry none "
+                                                                "(default: `default`).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto (from the file extension), jsonl, csv or parquet.")]
+    = "auto",
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="A save_pretrained folder with a chat template: accepted records also get prompt/completion (or "
+             "chosen/rejected) rendered with it. Without it records are checked, scrubbed and deduplicated but "
+             "not chat-formatted.")] = None,
+    pii: Annotated[bool, typer.Option("--pii/--no-pii", help="Scrub PII (Presidio pattern recognizers: email, "
+                                                             "phone, credit card, IBAN, IP, URL).")] = True,
+    near_dup: Annotated[float, typer.Option(help="Jaccard threshold for near-duplicate removal (MinHash LSH); "
+                                                 "0 turns it off.")] = 0.85,
+    max_prompt_chars: Annotated[int, typer.Option(help="Longer prompts are quarantined.")] = 4000,
+    max_response_chars: Annotated[int, typer.Option(help="Longer responses are quarantined.")] = 4000,
+) -> None:
+    """Check, scrub and deduplicate record files on their own (no config, no MLflow).
+
+    Exit 0 when the data was processed, even with quarantined records; 1 with a one-line error when an input cannot be read at all (missing file, unknown or broken format)."""
+    from tuneloop.data.ingest import ingest_paths
+    from tuneloop.data.readers import SourceError
+
+    if kind not in ("auto", "sft", "preference", "classification"):
+        fail_line(f"--kind {kind!r}: use auto, sft, preference or classification", 2)
+    if fmt not in ("auto", "jsonl", "csv", "parquet"):
+        fail_line(f"--format {fmt!r}: use auto, jsonl, csv or parquet", 2)
+    if kind == "classification" and template is None:
+        fail_line("--kind classification needs --template, e.g. 'Route this ticket: {text}'", 2)
+    if not 0 <= near_dup <= 1:
+        fail_line(f"--near-dup {near_dup}: a Jaccard threshold between 0 and 1", 2)
+    formatter = None
+    if tokenizer is not None:
+        formatter = _formatter(tokenizer)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        if template is not None:
+            from tuneloop.config import template_fields
+
+            template_fields(template)
+        out.mkdir(parents=True, exist_ok=True)
+        report = ingest_paths(paths, out, eval_paths=eval_ or [], kind=kind, template=template,
+                              label_field=label_field, slice_=slice_, fmt=fmt, formatter=formatter, pii=pii,
+                              near_threshold=near_dup, max_prompt_chars=max_prompt_chars,
+                              max_response_chars=max_response_chars)
+    except SourceError as e:
+        fail_line(str(e).splitlines()[0])
+    except ValueError as e:  # a template that is not usable
+        fail_line(str(e).splitlines()[0], 2)
+    except OSError as e:
+        fail_line(f"{out}: {e.strerror or e}")
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(report["per_reason"].items(), key=lambda kv: -kv[1]))
+    typer.echo(f"read {report['read']}, accepted {report['accepted']}, quarantined {report['quarantined']}"
+               + (f" ({reasons})" if reasons else "") + f" -> {out}")
+
+
+def _formatter(tokenizer_dir: Path):
+    from tuneloop.data.formatting import ChatFormatter
+
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except ImportError:
+        fail_line("--tokenizer needs transformers (pip install tuneloop[train])", 2)
+    except (OSError, ValueError) as e:
+        fail_line(f"--tokenizer {tokenizer_dir}: cannot load a tokenizer: {str(e).splitlines()[0]}", 2)
+    if not getattr(tok, "chat_template", None) or tok.eos_token is None:
+        fail_line(f"--tokenizer {tokenizer_dir}: has no chat template or no eos token", 2)
+    return ChatFormatter(tok)
+
+

@@ -1,0 +1,67 @@
+"""What the CLI prints after a pipeline run: stages, gates, gains per slice, canary, registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def fmt(x: Any) -> str:
+    return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def print_summary(s: dict[str, Any], cfg: Any) -> None:
+    console.rule("summary")
+    t = Table(title=f"pipeline run {s['run_name']}: {s['outcome']}")
+    for col in ("stage", "status", "wall s", "outcome"):
+        t.add_column(col)
+    for st in s["stages"]:
+        t.add_row(st["stage"], st["status"], fmt(st["wall_s"]), st["outcome"])
+    console.print(t)
+    if s.get("validation"):
+        v = s["validation"]
+        console.print(f"data gate: {'PASSED' if v['passed'] else 'FAILED'} "
+                      f"({len(v['checks']) - len(v['failed'])}/{len(v['checks'])} checks)")
+        for c in v["failed"]:
+            console.print(f"  FAIL {c['table']} {c['expectation']} {c['column']}: {c['observed']}")
+    if s.get("gate"):
+        g = s["gate"]
+        gt = Table(title=f"evaluation gate: {'PASSED' if g['passed'] else 'FAILED'} (reference: {g['reference']})")
+        for col in ("slice", "metric", "candidate", "reference", "threshold", "result"):
+            gt.add_column(col)
+        for r in g["rules"]:
+            gt.add_row(r["slice"], r["metric"], fmt(r["candidate"]), fmt(r["champion"]),
+                       f"{r['kind']} {fmt(r['threshold'])}", "pass" if r["passed"] else "FAIL")
+        console.print(gt)
+    if s.get("metrics"):
+        m = s["metrics"]
+        mt = Table(title="candidate vs base model, per slice")
+        for col in ("slice", "metric", "base", "candidate", "gain"):
+            mt.add_column(col)
+        for sl in sorted(k for k in m["candidate"] if k != "all"):
+            for k in ("accuracy", "exact_match", "token_f1", "nll"):
+                if k in m["candidate"][sl]:
+                    b, c = m["base"][sl][k], m["candidate"][sl][k]
+                    mt.add_row(sl, k, fmt(b), fmt(c), f"{c - b:+.3f}")
+        console.print(mt)
+    if s.get("canary"):
+        c = s["canary"]
+        console.print(f"canary analysis: {c['decision'].upper()} - " +
+                      "; ".join(f"{x['check']}: {x['detail']}" for x in c["checks"]))
+    aliases = ", ".join(f"{a}=v{v}" for a, v in s["aliases"].items()) or "none"
+    console.print(f"registry: model [bold]{s['model_name']}[/bold], this run's version: "
+                  f"{('v' + s['model_version']) if s['model_version'] else 'none (not registered)'}; aliases: {aliases}")
+    console.print(f"MLflow run: {s['parent_run_id']} (experiment {s['experiment_id']}) at {s['tracking_uri']}")
+    if "pipeline_wall_s" in s:
+        console.print(f"pipeline wall time: {s['pipeline_wall_s']:.0f} s")
+    if s["tracking_uri"].startswith("sqlite:"):
+        root = cfg.state_path
+        console.print(f"open the MLflow UI: mlflow ui --backend-store-uri {s['tracking_uri']} "
+                      f"--default-artifact-root {root / 'mlartifacts'} --port 5000  "
+                      f"(then http://127.0.0.1:5000/#/experiments/{s['experiment_id']}/runs/{s['parent_run_id']})")
+
+

@@ -1,0 +1,177 @@
+"""`base_model` and `train`: what is fine-tuned and how (LoRA, SFT, DPO, DeepSpeed, checkpoints, the
+cluster launchers' pods)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from tuneloop.config.base import _Strict
+from tuneloop.config.kubernetes import TrainPodResources
+
+class BaseModelConfig(_Strict):
+    path: str = Field(description="Base model: a local save_pretrained folder, a hub id, or pkg://<python package> "
+                                  "for weights shipped inside an installed package (read, never imported).")
+    gguf_file: str | None = Field(
+        None, description="A GGUF file inside `path`; it is converted once to a save_pretrained folder and cached.")
+    name: str = Field(description="Short name used in tags and the model card, e.g. smollm2-135m-instruct.")
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names that get a LoRA adapter.")
+
+
+class _StageCommon(_Strict):
+    enabled: bool = Field(True, description="Run this stage; a disabled stage passes its input adapter through.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 trains `epochs` epochs.")
+    epochs: float = Field(1.0, gt=0, description="Epochs over the training records when max_steps is -1.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (linear warmup, then linear decay).")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the optimizer steps spent warming the learning "
+                                                            "rate up linearly from 0; 0 starts at the peak.")
+    per_device_batch_size: int = Field(4, gt=0, description="Micro-batch size per process.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_length: int = Field(256, gt=8, description="Tokens per training example (longer ones are truncated).")
+    logging_steps: int = Field(5, gt=0, description="Log loss, learning rate and tokens/s every N steps.")
+
+
+class SFTConfig(_StageCommon):
+    packing: bool = Field(
+        True, description="Pack several examples into each row of `max_length` tokens (TRL best-fit decreasing, "
+                          "padding-free: no pad tokens are computed, attention stays within each example).")
+
+
+class DPOConfig(_StageCommon):
+    beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (linear warmup, then linear decay).")
+    precompute_ref_log_probs: bool = Field(
+        False, description="Compute the reference model's log-probs for every pair once before training instead "
+                           "of a reference forward pass in every step (TRL 1.16 has no padding-free DPO).")
+
+
+_SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL)", re.I)
+
+
+class ClusterConfig(_Strict):
+    image: str | None = Field(
+        None, description="Training image; null uses the tuneloop-train image of this package version "
+                          "(tuneloop.images.TRAIN_IMAGE, built from docker/Dockerfile.train).")
+    runtime: str = Field(
+        "torch-distributed", description="trainjob: the ClusterTrainingRuntime the TrainJob references (Kubeflow "
+                                         "Trainer's torch runtime).")
+    resources: TrainPodResources = Field(
+        default_factory=TrainPodResources,
+        description="Each training pod (one per node): cpu, memory, GPUs (null: train.nproc_per_node, one process "
+                    "per GPU; 0 runs CPU pods), node selector, tolerations. Namespace, state volume and Secrets come "
+                    "from the `kubernetes` section.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Plain environment variables for the training container. Secret values "
+                                          "are refused here: list them in `kubernetes.secrets`.")
+    service_account: str | None = Field(None, description="Service account of the training pods; null: the "
+                                                           "namespace default.")
+    termination_grace_seconds: int = Field(
+        300, gt=0, description="Time a pod gets between SIGTERM (preemption, eviction) and SIGKILL: enough to "
+                               "write one checkpoint.")
+    max_restarts: int = Field(
+        3, ge=0, description="Times a job that failed because its pods were preempted or evicted is created again "
+                             "(it resumes from the newest complete checkpoint). Other failures are not retried.")
+    poll_seconds: float = Field(10.0, gt=0, description="How often the launcher reads the job's status and logs.")
+    image_pull_grace_seconds: int = Field(
+        300, gt=0, description="A pod stuck this long in ErrImagePull / CreateContainerConfigError (e.g. a missing "
+                               "Secret) fails the launch with that reason.")
+    delete_finished: bool = Field(True, description="Delete the job (and so its pods) when it ends, failed or not.")
+
+    @field_validator("env")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if _SECRET_NAME.search(name):
+                raise ValueError(f"{name}: looks like a secret; put it in a Kubernetes Secret and list it in "
+                                 "`kubernetes.secrets` (name, secret, key)")
+        return v
+
+    def gpus_per_node(self, nproc_per_node: int) -> int:
+        """GPUs each training pod asks for (0: CPU pods)."""
+        return self.resources.accelerator_count(nproc_per_node)
+
+
+class CheckpointConfig(_Strict):
+    every_steps: int = Field(
+        50, ge=0, description="Save a resumable checkpoint (adapter/weights, optimizer, scheduler, RNG, data "
+                              "position) every N optimizer steps; 0 saves only on SIGTERM.")
+    keep: int = Field(2, ge=2, description="Checkpoints kept per stage (at least 2, so that a complete one survives "
+                                           "while the next is written).")
+    uri: str | None = Field(
+        None, description="Durable checkpoint location: null is <state_dir>/checkpoints/<pipeline run>/<stage> (the "
+                          "PVC on a cluster); an s3://bucket/prefix mirrors each complete checkpoint there (needs "
+                          "s3fs in the image) and a rerun pulls the newest one back.")
+
+
+class TrainConfig(_Strict):
+    backend: Literal["local", "trainjob", "pytorchjob"] = Field(
+        "local", description="local: torchrun on this host (CPU/gloo or GPUs/NCCL; on a cluster, inside the KFP "
+                             "task's pod). trainjob: a Kubeflow Trainer v2 TrainJob on the `cluster.runtime` torch "
+                             "runtime, num_nodes x nproc_per_node. pytorchjob: a Kubeflow Training Operator v1 "
+                             "PyTorchJob (Master + Workers).")
+    nproc_per_node: int = Field(2, gt=0, description="Training processes per node (GPUs per node on a cluster).")
+    num_nodes: int = Field(1, gt=0, description="Nodes for a cluster training job; local runs use one.")
+    method: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="lora: a LoRA adapter on the frozen base; qlora: the same on a 4-bit (NF4, "
+                            "bitsandbytes) base, CUDA only; full: every weight is trained (training workers and the "
+                            "benchmark; a pipeline run refuses it until evaluate/register/deploy take full models).")
+    deepspeed: Literal["zero3", "zero3_offload", "zero2", "none"] = Field(
+        "zero3", description="DeepSpeed strategy: a checked-in JSON under train/deepspeed/, or none.")
+    seed: int = Field(42, description="Seed for data order and adapter initialisation.")
+    attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto", description="Attention kernel: auto picks flash_attention_2 on CUDA when flash-attn is installed, "
+                            "else sdpa.")
+    bf16: Literal["auto", "on", "off"] = Field(
+        "auto", description="bfloat16 weights and autocast: auto is on for CUDA GPUs that support it, off on CPU.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about 20-30% more compute.")
+    liger_kernels: bool = Field(
+        False, description="Liger's Triton kernels (RMSNorm, RoPE, SwiGLU); CUDA only, needs the `gpu` extra.")
+    save_merged_model: bool = Field(
+        False, description="Also write base + adapter merged into a full save_pretrained folder (`merged/` next to "
+                           "`adapter/`) for serving engines without LoRA.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig,
+                                         description="Resumable checkpoints and preemption.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig,
+                                   description="The trainjob / pytorchjob backends: image, resources, placement, "
+                                               "secrets, storage.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="The LoRA adapter trained by SFT and DPO.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning (TRL SFTTrainer).")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Preference tuning (TRL DPOTrainer).")
+    timeout_minutes: int = Field(120, gt=0, description="A training launch that runs longer is stopped and fails.")
+
+    @model_validator(mode="after")
+    def _fits(self) -> TrainConfig:
+        cluster = self.backend != "local"
+        if not cluster and self.num_nodes != 1:
+            raise ValueError("train.num_nodes: the local backend runs on one node; use backend trainjob or "
+                             "pytorchjob for several")
+        if not (self.sft.enabled or self.dpo.enabled):
+            raise ValueError("train.sft.enabled / train.dpo.enabled: at least one training stage must run")
+        gpus = self.cluster.gpus_per_node(self.nproc_per_node)
+        if cluster and gpus > 0 and self.nproc_per_node != gpus:
+            raise ValueError(f"train.nproc_per_node: one process per GPU; set it to cluster.resources.accelerators "
+                             f"({gpus})")
+        for what, on in (("method qlora", self.method == "qlora"), ("liger_kernels", self.liger_kernels),
+                         ("attention flash_attention_2", self.attention == "flash_attention_2"),
+                         ("bf16 on", self.bf16 == "on")):
+            if on and cluster and gpus == 0:
+                raise ValueError(f"train: {what} needs CUDA GPUs; cluster.resources.accelerators is 0")
+        if self.method == "qlora" and self.deepspeed == "zero3_offload":
+            raise ValueError("train.deepspeed: zero3_offload cannot offload 4-bit (qlora) weights; use zero3, zero2 "
+                             "or none")
+        if self.method == "full" and self.save_merged_model:
+            raise ValueError("train.save_merged_model: a full fine-tune already writes a full model")
+        return self
+
+
