@@ -21,11 +21,12 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.config import RunConfig
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("tuneloop.validate")
 FEEDBACK_SLICE = "feedback"
@@ -61,6 +62,8 @@ def _frame(path: Path, table: str, tokenizer: Any, scrubber: Any, label_slices: 
     """The narrow per-record frame the expectations run on (streamed in chunks; text columns are
     categories or hashes, so a row costs ~100 bytes). PII residue is checked on every record, or
     on `residue_sample` records evenly spread (the others are null, which the check skips)."""
+    import pandas as pd  # here, not at module level: FEEDBACK_SLICE's importers (stages) need no pandas
+
     answers = ANSWERS[table]
     parts = []
     stride = max(1, _count(path) // residue_sample) if residue_sample else 1
