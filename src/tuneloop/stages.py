@@ -9,6 +9,7 @@ the state directory and read from there.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.config import RunConfig
-from tuneloop.data.validate import FEEDBACK_SLICE
+from tuneloop.data.validate import FEEDBACK_SLICE  # a constant; the module imports pandas, GX lazily
 from tuneloop.registry import (TAG_BASE_MODEL, TAG_BASE_PATH, TAG_DATA_HASH, TAG_GIT_SHA, TAG_PIPELINE_RUN,
                                TAG_TRAINED_SLICES, Registry, git_sha)
 
@@ -76,12 +77,10 @@ def check_prerequisites(cfg: RunConfig, run_name: str, kfp_run_id: str) -> dict[
         if not gateway_alive(cfg.deploy.gateway_url):
             problems.append(f"deploy.gateway_url: no gateway answers at {cfg.deploy.gateway_url} "
                             "(start one with `tuneloop serve CONFIG`)")
-    try:
-        import deepspeed  # noqa: F401
-        import peft  # noqa: F401
-        import trl  # noqa: F401
-    except ImportError as e:
-        problems.append(f"training libraries missing ({e.name}); install tuneloop[train]")
+    # looked up, not imported: importing them (torch, transformers) would cost this task ~6 s
+    missing = [name for name in ("deepspeed", "peft", "trl") if importlib.util.find_spec(name) is None]
+    if missing:
+        problems.append(f"training libraries missing ({', '.join(missing)}); install tuneloop[train]")
     if problems:
         raise PrerequisiteError("prerequisites not met:\n  - " + "\n  - ".join(problems))
     base = base_model_dir(cfg)

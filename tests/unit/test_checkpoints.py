@@ -51,3 +51,59 @@ def test_mirror_round_trip_pulls_the_newest_complete_one(tmp_path: Path) -> None
     assert resumed == fresh / "checkpoint-8"
     assert (resumed / "global_step" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").read_bytes() == b"shard" * 8
     assert (resumed / MARKER).exists()
+
+
+def test_a_checkpoint_whose_files_changed_is_never_resumed_from(tmp_path: Path) -> None:
+    _ckpt(tmp_path, 10, True)
+    bad = _ckpt(tmp_path, 20, True)
+    shard = bad / "global_step" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.write_bytes(b"evil pickle" + b"x" * 89)  # same size as before, other bytes
+    assert prepare_resume(tmp_path) == tmp_path / "checkpoint-10"
+    assert (tmp_path / "checkpoint-20.rejected").is_dir() and not (tmp_path / "checkpoint-20").exists()
+
+
+def test_files_the_manifest_does_not_name_are_refused(tmp_path: Path) -> None:
+    from tuneloop.train.checkpoints import CheckpointRejected, verify
+
+    d = _ckpt(tmp_path, 5, True)
+    verify(d)
+    (d / "extra.pt").write_bytes(b"not in the manifest")
+    with pytest.raises(CheckpointRejected, match="extra"):
+        verify(d)
+
+
+def test_a_signed_manifest_needs_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from tuneloop.train.checkpoints import KEY_ENV, CheckpointRejected, verify
+
+    monkeypatch.setenv(KEY_ENV, "k" * 32)
+    d = _ckpt(tmp_path, 7, True)
+    verify(d)
+    body = json.loads((d / MARKER).read_text())
+    (d / "trainer_state.json").write_text('{"global_step": 99}')  # tampered, manifest rewritten by the attacker
+    body["files"]["trainer_state.json"]["sha256"] = __import__("hashlib").sha256(b'{"global_step": 99}').hexdigest()
+    body["files"]["trainer_state.json"]["size"] = len('{"global_step": 99}')
+    (d / MARKER).write_text(json.dumps(body))
+    with pytest.raises(CheckpointRejected, match="signature"):
+        verify(d)
+
+
+def test_mirror_objects_outside_the_checkpoint_folder_are_refused(tmp_path: Path) -> None:
+    from tuneloop.train.checkpoints import CheckpointRejected
+
+    remote = tmp_path / "remote"
+    mirror = Mirror(remote.as_uri())
+    d = _ckpt(tmp_path / "local", 3, True)
+    mirror.push_files(d)
+    mirror.push_marker(d)
+
+    class Hostile(Mirror):
+        def pull(self, name, local_root):  # noqa: ANN001, ANN201
+            real_find = self.fs.find
+            self.fs.find = lambda base: [*real_find(base), f"{base}/../../escape.pt"]  # type: ignore[method-assign]
+            return super().pull(name, local_root)
+
+    with pytest.raises(CheckpointRejected, match="outside the checkpoint's folder"):
+        Hostile(remote.as_uri()).pull("checkpoint-3", tmp_path / "fresh")
+    assert not (tmp_path / "escape.pt").exists()

@@ -88,8 +88,9 @@ def test_trainjob_matches_the_trainer_crd(tmp_path: Path, nodes: int) -> None:
     obj = build_trainjob(cfg, name, "sft", "/state/jobs/r/sft/job_spec.json", {"app.kubernetes.io/managed-by": "x"})
     _check_against_crd(obj, "trainer.kubeflow.org_trainjobs.yaml")
     t = obj["spec"]["trainer"]
-    assert obj["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
-                                         "name": "torch-distributed"}
+    # the chart's hardened runtime in the job's namespace, not Kubeflow Trainer's cluster-wide default
+    assert obj["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                                         "name": "tuneloop-deepspeed"}
     assert (t["numNodes"], t["numProcPerNode"]) == (nodes, 8)
     assert t["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
     assert t["command"][0] == "torchrun" and t["command"][-3:] == ["-m", "tuneloop.train.sft",
@@ -290,3 +291,26 @@ def test_run_refuses_a_base_model_the_pods_cannot_see(tmp_path: Path) -> None:
     with pytest.raises(TrainingFailed, match="not under state_dir"):
         ClusterLauncher(cfg, fake, fake).run(spec, "run-1")
     assert fake.created == []
+
+
+@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
+def test_training_pods_are_hardened_and_carry_the_policy_labels(tmp_path: Path, backend: str) -> None:
+    from tuneloop.train.k8s import KINDS
+
+    cfg = _cfg(tmp_path, backend, num_nodes=2)
+    cfg.kubernetes.pod_labels = {"app.kubernetes.io/name": "tuneloop", "app.kubernetes.io/instance": "rel"}
+    obj = KINDS[backend].build(cfg, job_name("sft", "run-1"), "sft", "/state/job_spec.json")
+    if backend == "trainjob":
+        tpl = obj["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+            "template"]["spec"]["template"]
+    else:
+        tpl = obj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
+        assert tpl["spec"]["automountServiceAccountToken"] is False
+    assert tpl["metadata"]["labels"]["app.kubernetes.io/instance"] == "rel"
+    assert tpl["metadata"]["labels"]["app.kubernetes.io/component"] == "training"
+    pod = tpl["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    sc = pod["containers"][0]["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]} >= {"/tmp", "/dev/shm", cfg.state_dir}

@@ -87,6 +87,8 @@ The run config as stored in the ConfigMap, wired to this release where runConfig
 - kubernetes.secrets: the MLflow credentials (basic auth) and the feedback database URL, as env
   of every pipeline task and training pod;
 - deploy.feedback_store_env: that env var, when the feedback store is Postgres;
+- kubernetes.pod_labels: the chart's selector labels (the NetworkPolicies select training and serving
+  pods by them); train.cluster.runtime: the chart's hardened TrainingRuntime;
 - kubernetes.namespace: the release namespace; deploy.kserve.feedback_url: the chart's feedback
   service; deploy.kserve.artifact_store_uri: MLflow's s3:// artifact destination;
   deploy.kserve.base_model_uri: base_model.path on the state volume (pvc://).
@@ -123,10 +125,23 @@ The run config as stored in the ConfigMap, wired to this release where runConfig
 {{- end -}}
 {{- end -}}
 {{- $_ := set $k8s "secrets" $secrets -}}
+{{- if not (hasKey $k8s "pod_labels") -}}
+{{- $_ := set $k8s "pod_labels" (include "tuneloop.selectorLabels" . | fromYaml) -}}
+{{- end -}}
 {{- if not (get $k8s "namespace") -}}
 {{- $_ := set $k8s "namespace" .Release.Namespace -}}
 {{- end -}}
 {{- $_ := set $cfg "kubernetes" $k8s -}}
+{{- if $v.training.runtime.enabled -}}
+{{- $train := default dict (get $cfg "train") -}}
+{{- $cluster := default dict (get $train "cluster") -}}
+{{- if not (hasKey $cluster "runtime") -}}
+{{- $_ := set $cluster "runtime" $v.training.runtime.name -}}
+{{- $_ := set $cluster "runtime_kind" "TrainingRuntime" -}}
+{{- end -}}
+{{- $_ := set $train "cluster" $cluster -}}
+{{- $_ := set $cfg "train" $train -}}
+{{- end -}}
 {{- if eq (get $deploy "backend") "kserve" -}}
 {{- $ks := default dict (get $deploy "kserve") -}}
 {{- if and $v.feedback.enabled (not (get $ks "feedback_url")) -}}

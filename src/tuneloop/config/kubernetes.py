@@ -117,6 +117,10 @@ class KubernetesConfig(_Strict):
         default_factory=list, description="Secrets exposed as environment variables in every pipeline task and "
                                           "training pod (MLflow and S3 credentials, the feedback database URL); the "
                                           "values never enter the config, the compiled YAML or the job objects.")
+    pod_labels: dict[str, str] = Field(
+        default_factory=lambda: {"app.kubernetes.io/part-of": "tuneloop"},
+        description="Labels on every pod the platform creates (training pods, the KServe predictor), so the "
+                    "release's NetworkPolicies select them; the chart sets its selector labels here.")
 
     @field_validator("namespace")
     @classmethod

@@ -63,8 +63,12 @@ class ClusterConfig(_Strict):
         None, description="Training image; null uses the tuneloop-train image of this package version "
                           "(tuneloop.images.TRAIN_IMAGE, built from docker/Dockerfile.train).")
     runtime: str = Field(
-        "torch-distributed", description="trainjob: the ClusterTrainingRuntime the TrainJob references (Kubeflow "
-                                         "Trainer's torch runtime).")
+        "tuneloop-deepspeed", description="trainjob: the training runtime the TrainJob references; the chart "
+                                          "installs the hardened `tuneloop-deepspeed` TrainingRuntime in the release "
+                                          "namespace.")
+    runtime_kind: Literal["TrainingRuntime", "ClusterTrainingRuntime"] = Field(
+        "TrainingRuntime", description="trainjob: a namespaced TrainingRuntime (the chart's) or a "
+                                       "ClusterTrainingRuntime such as Kubeflow Trainer's `torch-distributed`.")
     resources: TrainPodResources = Field(
         default_factory=TrainPodResources,
         description="Each training pod (one per node): cpu, memory, GPUs (null: train.nproc_per_node, one process "

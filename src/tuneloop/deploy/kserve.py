@@ -49,6 +49,7 @@ def inference_service(cfg: RunConfig, version: str, adapter_uri: str, canary_per
     name = service_name(cfg)
     variant = "canary" if canary_percent is not None else "champion"
     predictor: dict[str, Any] = {
+        "labels": {**cfg.kubernetes.pod_labels, "app.kubernetes.io/component": "serving"},  # NetworkPolicies
         "serviceAccountName": k.service_account,
         "minReplicas": k.min_replicas,
         "maxReplicas": k.max_replicas,

@@ -9,10 +9,20 @@ the marker; folders without one (a crash or SIGKILL mid-save) are deleted before
 Durable storage is `checkpoint_dir` itself (the state directory locally, the shared PVC on a
 cluster). With `mirror_uri` (e.g. s3://bucket/prefix) each complete checkpoint is also copied
 there with fsspec, marker last, and a rerun on a fresh disk pulls the newest one back.
+
+Resuming unpickles optimizer and RNG state (torch.load), so a checkpoint is verified before it is
+loaded: the marker carries a manifest (size and sha256 of every file, written once every rank has
+saved), and a checkpoint whose files do not match it - truncated, corrupted, swapped in the mirror,
+or with files the manifest does not name - is never resumed from. With `TUNELOOP_CHECKPOINT_KEY` set
+(from a Kubernetes Secret) the manifest is signed with HMAC-SHA256, so whoever can write to the
+mirror but does not hold the key cannot forge one. Object keys that would land outside the
+checkpoint's folder (`..`, absolute paths) are refused when pulling.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -63,6 +73,21 @@ def newest_complete(root: Path) -> Path | None:
     return max(done)[1] if done else None
 
 
+def newest_verified(root: Path) -> Path | None:
+    """The newest complete checkpoint whose files match its manifest; rejected ones are moved aside
+    (`<name>.rejected`, kept for inspection, never resumed) and the next newest is tried."""
+    while (ckpt := newest_complete(root)) is not None:
+        try:
+            verify(ckpt)
+            return ckpt
+        except CheckpointRejected as e:
+            log.error("not resuming from it: %s", e)
+            target = ckpt.with_name(ckpt.name + ".rejected")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(ckpt, target)
+    return None
+
+
 def discard_incomplete(root: Path) -> list[str]:
     """Delete checkpoint folders without the marker (left by a crash mid-save); returns their names."""
     gone = []
@@ -74,13 +99,69 @@ def discard_incomplete(root: Path) -> list[str]:
     return gone
 
 
+KEY_ENV = "TUNELOOP_CHECKPOINT_KEY"
+
+
+class CheckpointRejected(RuntimeError):
+    """A checkpoint that must not be loaded: its files do not match its manifest, or its signature is wrong."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest(ckpt: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, sha256}} of every file in a checkpoint folder but the marker."""
+    return {f.relative_to(ckpt).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)}
+            for f in sorted(ckpt.rglob("*")) if f.is_file() and f.name not in (MARKER, MARKER + ".tmp")}
+
+
+def _signature(files: dict[str, Any], step: int) -> str | None:
+    key = os.environ.get(KEY_ENV)
+    if not key:
+        return None
+    payload = json.dumps({"step": step, "files": files}, sort_keys=True).encode()
+    return hmac.new(key.encode(), payload, hashlib.sha256).hexdigest()
+
+
 def mark_complete(ckpt: Path, step: int) -> None:
+    files = manifest(ckpt)
+    body: dict[str, Any] = {"step": step, "time": time.time(), "files": files}
+    sig = _signature(files, step)
+    if sig is not None:
+        body["hmac_sha256"] = sig
     tmp = ckpt / (MARKER + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"step": step, "time": time.time()}, f)
+        json.dump(body, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, ckpt / MARKER)
+
+
+def verify(ckpt: Path) -> None:
+    """CheckpointRejected unless every file matches the marker's manifest (and its signature, when a
+    key is configured); called before a checkpoint is resumed from."""
+    try:
+        body = json.loads((ckpt / MARKER).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointRejected(f"{ckpt}: unreadable marker: {e}") from None
+    files = body.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointRejected(f"{ckpt}: the marker has no manifest (written by an older version?)")
+    if os.environ.get(KEY_ENV) and not hmac.compare_digest(str(body.get("hmac_sha256", "")),
+                                                           _signature(files, body.get("step", -1)) or ""):
+        raise CheckpointRejected(f"{ckpt}: the manifest's signature does not match {KEY_ENV}")
+    found = manifest(ckpt)
+    if set(found) != set(files):
+        extra, missing = sorted(set(found) - set(files)), sorted(set(files) - set(found))
+        raise CheckpointRejected(f"{ckpt}: files differ from the manifest (extra {extra[:3]}, missing {missing[:3]})")
+    bad = [name for name, meta in files.items() if found[name] != meta]
+    if bad:
+        raise CheckpointRejected(f"{ckpt}: {len(bad)} file(s) differ from the manifest, e.g. {bad[0]}")
 
 
 class Mirror:
@@ -121,6 +202,10 @@ class Mirror:
         base = self._remote(name)
         for src in self.fs.find(base):
             rel = src[len(base):].lstrip("/")
+            target = (tmp / rel).resolve()
+            if not src.startswith(base + "/") or tmp.resolve() not in target.parents:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckpointRejected(f"{self.uri}/{name}: object {src!r} lies outside the checkpoint's folder")
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             self.fs.get_file(src, str(tmp / rel))
         shutil.rmtree(dest, ignore_errors=True)
@@ -142,6 +227,7 @@ def prepare_resume(root: Path, mirror_uri: str | None = None) -> Path | None:
             if remote and (local is None or step_of(remote) > step_of(local)):
                 log.info("pulling %s from %s", remote, mirror_uri)
                 mirror.pull(remote, root)
+        newest_verified(root)  # rejected checkpoints are moved aside before any rank looks
     barrier()
     return newest_complete(root)
 

@@ -49,18 +49,38 @@ def container_env(cfg: RunConfig) -> list[dict[str, Any]]:
     return out
 
 
+def pod_labels(cfg: RunConfig) -> dict[str, str]:
+    """Labels of every training pod: the ones the platform's NetworkPolicies select on
+    (`kubernetes.pod_labels`, filled by the chart) and the component."""
+    return {**cfg.kubernetes.pod_labels, "app.kubernetes.io/component": "training"}
+
+
 def node_resources(cfg: RunConfig) -> dict[str, Any]:
     """One training pod's requests = limits (GPUs: one per training process unless set)."""
     return cfg.train.cluster.resources.container_resources(cfg.train.nproc_per_node)
 
 
+# Pod Security Standard `restricted`: the images run as uid 10001 (docker/Dockerfile*), nothing else
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+                      "capabilities": {"drop": ["ALL"]}}
+
+
 def _pod_spec(cfg: RunConfig, container: dict[str, Any]) -> dict[str, Any]:
-    """The training pod's placement, state volume and grace period around one container."""
+    """The training pod around one container: hardened (non-root, read-only root filesystem with /tmp and a
+    memory-backed /dev/shm for NCCL, no service-account token: the worker talks to MLflow, not to the
+    API server), placed, with the state volume at state_dir and a grace period for the SIGTERM checkpoint."""
     c = cfg.train.cluster
+    mounts = [{"name": "state", "mountPath": str(cfg.state_path)}, {"name": "tmp", "mountPath": "/tmp"},
+              {"name": "dshm", "mountPath": "/dev/shm"}]
     pod: dict[str, Any] = {
         "terminationGracePeriodSeconds": c.termination_grace_seconds,
-        "volumes": [{"name": "state", "persistentVolumeClaim": {"claimName": cfg.kubernetes.state_pvc}}],
-        "containers": [{**container, "volumeMounts": [{"name": "state", "mountPath": str(cfg.state_path)}]}],
+        "automountServiceAccountToken": False,
+        "securityContext": dict(POD_SECURITY),
+        "volumes": [{"name": "state", "persistentVolumeClaim": {"claimName": cfg.kubernetes.state_pvc}},
+                    {"name": "tmp", "emptyDir": {}}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+        "containers": [{**container, "securityContext": dict(CONTAINER_SECURITY), "volumeMounts": mounts}],
         **c.resources.placement(),
     }
     if c.service_account:
@@ -80,12 +100,13 @@ def build_trainjob(cfg: RunConfig, name: str, stage: str, spec_path: str,
     from tuneloop.images import TRAIN_IMAGE
 
     pod = _pod_spec(cfg, {"name": TRAINJOB_CONTAINER})
+    pod.pop("automountServiceAccountToken")  # not patchable in a TrainJob; the chart's runtime sets it to false
     return {
         "apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}",
         "kind": "TrainJob",
         "metadata": {"name": name, "namespace": cfg.kubernetes.namespace, "labels": dict(labels or {})},
         "spec": {
-            "runtimeRef": {"apiGroup": TRAINER_GROUP, "kind": "ClusterTrainingRuntime", "name": c.runtime},
+            "runtimeRef": {"apiGroup": TRAINER_GROUP, "kind": c.runtime_kind, "name": c.runtime},
             "trainer": {
                 "image": c.image or TRAIN_IMAGE,
                 "command": _torchrun(stage, spec_path, c.termination_grace_seconds),
@@ -95,8 +116,8 @@ def build_trainjob(cfg: RunConfig, name: str, stage: str, spec_path: str,
                 "env": container_env(cfg),
             },
             "runtimePatches": [{"manager": LAUNCHER, "trainingRuntimeSpec": {"template": {"spec": {
-                "replicatedJobs": [{"name": TRAINJOB_CONTAINER,
-                                    "template": {"spec": {"template": {"spec": pod}}}}]}}}}],
+                "replicatedJobs": [{"name": TRAINJOB_CONTAINER, "template": {"spec": {"template": {
+                    "metadata": {"labels": pod_labels(cfg)}, "spec": pod}}}}]}}}}],
         },
     }
 
@@ -117,7 +138,7 @@ def build_pytorchjob(cfg: RunConfig, name: str, stage: str, spec_path: str,
 
     def replica(n: int) -> dict[str, Any]:
         return {"replicas": n, "restartPolicy": "ExitCode",
-                "template": {"metadata": {"labels": dict(labels or {})}, "spec": pod_spec}}
+                "template": {"metadata": {"labels": {**dict(labels or {}), **pod_labels(cfg)}}, "spec": pod_spec}}
 
     replicas = {"Master": replica(1)}
     if t.num_nodes > 1:
