@@ -10,7 +10,14 @@ from conftest import tiny_config
 pytestmark = pytest.mark.integration
 
 
-def test_pipeline_promotes_then_blocks_a_failing_candidate(tmp_path, tiny_model_dir, monkeypatch):
+PLANTED = "tl-planted-7f3e9c1d2b"  # a credential in the environment, where credentials belong
+
+
+def _files_holding(root, needle: bytes) -> list[str]:  # noqa: ANN001
+    return [str(f) for f in root.rglob("*") if f.is_file() and needle in f.read_bytes()]
+
+
+def test_pipeline_promotes_then_blocks_a_failing_candidate(tmp_path, tiny_model_dir, monkeypatch, capfd):
     from safetensors.torch import load_file
 
     from tuneloop.config import load_config
@@ -18,6 +25,8 @@ def test_pipeline_promotes_then_blocks_a_failing_candidate(tmp_path, tiny_model_
     from tuneloop.registry import Registry
 
     monkeypatch.setenv("TUNELOOP_ZERO3_PARTITION_ALL", "1")  # tiny model: really partition every parameter
+    for name in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN"):
+        monkeypatch.setenv(name, PLANTED)
     cfg = load_config(tiny_config(tmp_path, tiny_model_dir))
     first = run_local(cfg, "tiny-run-1")
 
@@ -51,3 +60,7 @@ def test_pipeline_promotes_then_blocks_a_failing_candidate(tmp_path, tiny_model_
     assert second["aliases"] == {"champion": "1"}, "a rejected candidate must not become canary or champion"
     assert [str(v.version) for v in reg.client.search_model_versions("name = 'tiny-model'")] == ["1"]
     assert "deploy_canary" not in [s["stage"] for s in second["stages"]]
+    # nothing of the run - MLflow store and artifacts, KFP outputs, datasets, checkpoints, logs - holds the secret
+    assert _files_holding(tmp_path, PLANTED.encode()) == []
+    out, err = capfd.readouterr()
+    assert PLANTED not in out and PLANTED not in err

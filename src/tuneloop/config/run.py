@@ -13,6 +13,7 @@ from tuneloop.config.data import DataConfig
 from tuneloop.config.deploy import DeployConfig, MonitorConfig, RegistryConfig
 from tuneloop.config.evaluate import EvaluateConfig
 from tuneloop.config.kubernetes import KubernetesConfig, PlatformConfig
+from tuneloop.config.secrets import credential_findings
 from tuneloop.config.train import BaseModelConfig, TrainConfig
 
 
@@ -61,6 +62,9 @@ class RunConfig(_Strict):
         if self.train.backend != "local" and not self.kubernetes.state_pvc:
             raise ValueError(f"kubernetes.state_pvc: the {self.train.backend} backend's pods read their inputs and "
                              "write their outputs on the state volume; name its PersistentVolumeClaim")
+        found = credential_findings(self.model_dump(mode="json"))
+        if found:
+            raise ValueError(found[0])
         if self.deploy.backend == "kserve" and self.deploy.kserve is None:
             raise ValueError("deploy.kserve: the kserve backend needs its section (base_model_uri at least)")
         if self.deploy.backend == "local" and self.deploy.canary.traffic_file is None:

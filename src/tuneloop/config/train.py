@@ -3,13 +3,13 @@ cluster launchers' pods)."""
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from tuneloop.config.base import _Strict
 from tuneloop.config.kubernetes import TrainPodResources
+from tuneloop.config.secrets import SECRET_NAME
 
 class BaseModelConfig(_Strict):
     path: str = Field(description="Base model: a local save_pretrained folder, a hub id, or pkg://<python package> "
@@ -55,7 +55,6 @@ class DPOConfig(_StageCommon):
                            "of a reference forward pass in every step (TRL 1.16 has no padding-free DPO).")
 
 
-_SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL)", re.I)
 
 
 class ClusterConfig(_Strict):
@@ -95,7 +94,7 @@ class ClusterConfig(_Strict):
     @classmethod
     def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
         for name in v:
-            if _SECRET_NAME.search(name):
+            if SECRET_NAME.search(name):
                 raise ValueError(f"{name}: looks like a secret; put it in a Kubernetes Secret and list it in "
                                  "`kubernetes.secrets` (name, secret, key)")
         return v
