@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -13,9 +14,25 @@ from tuneloop.env import apply_defaults
 apply_defaults()
 
 app = typer.Typer(help="tuneloop: continuous LLM fine-tuning (Kubeflow Pipelines, DeepSpeed, MLflow).",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-console = Console()
-err = Console(stderr=True)
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+# not a terminal (CI, KFP task logs, a pipe): no wrapping at 80 columns, no truncated table cells
+console = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from tuneloop import __version__
+
+        typer.echo(f"tuneloop {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                 help="Print the version and exit.")] = False) -> None:
+    """tuneloop: continuous LLM fine-tuning (Kubeflow Pipelines, DeepSpeed, MLflow)."""
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="Run config YAML; default: the embedded demo config.")]
 StateDir = Annotated[str | None, typer.Option(

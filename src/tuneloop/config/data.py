@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import codecs
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tuneloop.config.base import _Strict
 
 PII_ENTITIES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "URL")
 PRESIDIO_PHONE_REGIONS = ["US", "GB", "DE", "FR", "IL", "IN", "CA", "BR"]  # Presidio's own default
+# URI schemes a data path may use (fsspec would also open http://, ftp://, memory:// and chained URLs; a
+# config must not make a pipeline task fetch from arbitrary servers); a path without :// is a local path
+SOURCE_SCHEMES = ("file", "s3", "gs", "az", "abfs", "abfss")
+
+
+def source_scheme_problem(path: str) -> str | None:
+    """Why `path` may not be read (a URI scheme outside SOURCE_SCHEMES), or None."""
+    if "://" not in path:
+        return None
+    scheme = path.split("://", 1)[0].lower()
+    if scheme in SOURCE_SCHEMES:
+        return None
+    return (f"{path}: the {scheme}:// scheme is not allowed for data; use a local path or "
+            f"{', '.join(s + '://' for s in SOURCE_SCHEMES)}")
+
+
+def encoding_problem(encoding: str) -> str | None:
+    """Why `encoding` is not usable (not a Python codec name and not `auto`), or None."""
+    if encoding == "auto":
+        return None
+    try:
+        info = codecs.lookup(encoding)
+    except LookupError:
+        return f"unknown encoding {encoding!r}; use e.g. utf-8, cp1252, latin-1, utf-16 or auto"
+    if not getattr(info, "_is_text_encoding", True):  # base64, zlib, rot13: codecs, but not text encodings
+        return f"{encoding!r} is not a text encoding; use e.g. utf-8, cp1252, latin-1, utf-16 or auto"
+    return None
 
 
 class DataSource(_Strict):
@@ -22,6 +50,13 @@ class DataSource(_Strict):
     slice: str | None = Field(None, description="Slice label for records that carry none of their own.")
     format: Literal["auto", "jsonl", "csv", "parquet"] = Field(
         "auto", description="File format; auto picks it from the file extension.")
+    encoding: str = Field(
+        "utf-8", description="Text encoding of its JSONL and CSV files: a Python codec name (utf-8, cp1252, "
+                             "latin-1, utf-16, ...) or auto (detected per file with charset-normalizer from its first "
+                             "64 KiB). A byte-order mark (UTF-8, UTF-16, UTF-32) is honoured. With utf-8 a CSV with a "
+                             "line that is not UTF-8 is refused, naming the line and the encoding it looks like; "
+                             "with any other value (or auto) a row that cannot be decoded is quarantined and the "
+                             "rest is read. Parquet is always UTF-8.")
     template: str | None = Field(
         None, description="classification: the instruction, with record fields in braces, e.g. "
                           "'Route this ticket: {text}'.")
@@ -31,6 +66,22 @@ class DataSource(_Strict):
         default_factory=dict, description="fsspec options for a URI source, e.g. {endpoint_url: "
                                           "'http://minio:9000'} for s3://. Credentials come from the environment "
                                           "(AWS_* variables, a pod's service account), never from the config.")
+
+    @field_validator("path")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        problem = source_scheme_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("encoding")
+    @classmethod
+    def _encoding(cls, v: str) -> str:
+        problem = encoding_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _template(self) -> DataSource:
@@ -109,6 +160,16 @@ class DedupConfig(_Strict):
                               "yet shares most 5-grams.")
 
 
+class NormalizeConfig(_Strict):
+    html_entities: bool = Field(
+        True, description="Turn HTML character references into the characters they stand for (`didn&#039;t` -> "
+                          "didn't, `&amp;` -> &), once (html.unescape).")
+    unicode_nfc: bool = Field(True, description="Unicode NFC normalization: one code point for an accented "
+                                                "letter, however the source composed it.")
+    control_chars: bool = Field(True, description="Remove control characters (C0 and C1, DEL) other than tab, "
+                                                  "newline and carriage return.")
+
+
 class DriftConfig(_Strict):
     enabled: bool = Field(True, description="validate_data writes an Evidently drift report of the new SFT data "
                                             "against the champion's training data.")
@@ -126,6 +187,18 @@ class DataConfig(_Strict):
                     "metrics, preference kind for the win rate (slice `preference`).", min_length=1)
     system_prompt: str | None = Field(
         None, description="System message put in front of every conversation; null keeps the template's default.")
+    normalize: NormalizeConfig = Field(
+        default_factory=NormalizeConfig,
+        description="Text cleaning applied to every text field of a record (prompt, response, turns, chosen, "
+                    "rejected, classification fields and label) before the length, PII and duplicate checks; the "
+                    "texts each step changed are counted per source in the ingest report.")
+    long_records: Literal["quarantine", "truncate_prompt"] = Field(
+        "quarantine", description="Training records longer than train.sft.max_length (SFT) or train.dpo.max_length "
+                                  "(preference pairs) tokens, counted with the base model's tokenizer: quarantine "
+                                  "them (the reason names the key to raise), or truncate_prompt: cut the prompt from "
+                                  "the left (oldest turns first, then the start of the user text; a classification "
+                                  "template keeps its instruction) and keep the whole answer; a record whose answer "
+                                  "alone does not fit is quarantined.")
     max_prompt_chars: int = Field(4000, gt=0, description="Records with a longer prompt are quarantined.")
     max_response_chars: int = Field(4000, gt=0, description="Records with a longer response are quarantined.")
     max_quarantine_share: float = Field(

@@ -1,14 +1,21 @@
 """Read records from JSONL, CSV and Parquet files (or folders of them), one at a time.
 
-Sources are local paths or fsspec URIs (`s3://bucket/prefix/`, read through s3fs); every
-file is streamed, never loaded whole, so memory stays flat whatever the file size: a JSONL
-line longer than MAX_LINE_BYTES is skipped in chunks (and quarantined) rather than read.
+Sources are local paths or URIs of the schemes in SOURCE_SCHEMES (`s3://bucket/prefix/`, read
+through s3fs; http:// and other fsspec schemes are refused); every file is streamed, never loaded
+whole, so memory stays flat whatever the file size: a JSONL line longer than MAX_LINE_BYTES is
+skipped in chunks (and quarantined) rather than read.
+
+Text files are decoded with the source's `encoding`: utf-8 by default, any Python codec, or `auto`
+(charset-normalizer on the first DETECT_BYTES of each file). A byte-order mark (UTF-8, UTF-16,
+UTF-32) decides the encoding of its file. Under the default utf-8 a CSV line that does not decode
+refuses the file (a CSV is one encoded document), naming the line and the encoding it looks like;
+with an explicit encoding or auto such a row is handed on as a problem and the rest is read.
 
 Every record comes out as a `RawRecord`: where it came from (file, 1-based row) and either
 the parsed mapping or the reason it could not be parsed. Nothing is dropped here; a row that
 cannot be read is handed on as a problem so the caller can quarantine it. A file that cannot
-be read at all (missing, unknown format, not a Parquet file, a CSV that is not UTF-8) raises
-`SourceError` with a one-line message naming it.
+be read at all (missing, unknown format, not a Parquet file, a CSV that is not UTF-8 when no
+encoding was set) raises `SourceError` with a one-line message naming it.
 """
 
 from __future__ import annotations
