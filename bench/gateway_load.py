@@ -2,8 +2,9 @@
 
 Two servers, each one uvicorn process, answer the same OpenAI-shaped JSON:
   bare     a FastAPI endpoint that returns it at once (the baseline: HTTP + JSON only)
-  gateway  `tuneloop serve`'s app (routing, sticky split, Prometheus metrics, request logging
-           to the feedback store with PII scrubbing) over a stub backend that answers at once
+  gateway  `tuneloop serve`'s app (bearer-token authentication, routing, sticky split, Prometheus
+           metrics, user-id HMAC, request logging to the feedback store - spooled to disk before
+           the answer, PII-scrubbed by the writer) over a stub backend that answers at once
 An open-loop generator sends --rate requests/s for --seconds to each in turn. During the
 gateway's run a canary is deployed (50%), promoted, a second canary deployed and rolled back,
 each through the registry and /admin/reload, from a separate process, as the pipeline's tasks do. Prints latency
@@ -46,13 +47,17 @@ def operate(config: str, url: str) -> None:
     from tuneloop.config import load_config
     from tuneloop.registry import Registry
 
-    reg = Registry(load_config(config))
+    from tuneloop.feedback.auth import client_headers
+
+    cfg = load_config(config)
+    reg = Registry(cfg)
+    headers = client_headers(cfg.state_path)  # the gateway's own token (it made it at start)
     print("ready", flush=True)
     for line in sys.stdin:
         for op in line.strip().split(";"):
             verb, *rest = op.split()
             reg.set_alias(rest[0], rest[1]) if verb == "set" else reg.delete_alias(rest[0])
-        httpx.post(f"{url}/admin/reload", timeout=30).raise_for_status()
+        httpx.post(f"{url}/admin/reload", timeout=30, headers=headers).raise_for_status()
         print("done", flush=True)
 
 
@@ -107,7 +112,8 @@ class Conn:
         return status
 
 
-async def load(url: str, rate: float, seconds: float, events: list[tuple[float, object]]) -> tuple[list[float], int]:
+async def load(url: str, rate: float, seconds: float, events: list[tuple[float, object]],
+               token: str | None = None) -> tuple[list[float], int]:
     import json
 
     host, port = url.removeprefix("http://").split(":")
@@ -119,7 +125,8 @@ async def load(url: str, rate: float, seconds: float, events: list[tuple[float, 
     def encode(i: int) -> bytes:
         body = json.dumps({"messages": [{"role": "user", "content": "where is my parcel?"}], "max_tokens": 4,
                            "user": f"user-{i % 997}"}).encode()
-        return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{auth}"
                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
     async def one(raw: bytes) -> None:
@@ -194,6 +201,7 @@ def main() -> None:
     import httpx
 
     from tuneloop.config import load_config
+    from tuneloop.feedback.auth import client_token
     from tuneloop.registry import TAG_PIPELINE_RUN, Registry
     from tuneloop.tiny import free_port, tiny_run_config
 
@@ -245,8 +253,9 @@ def main() -> None:
                 (d * 0.6, act([("canary", versions[1])])),                      # deploy canary v2
                 (d * 0.8, act([("canary", None)])),                             # roll v2 back
             ]
-            asyncio.run(load(url, args.rate, 1.0, []))  # warm-up
-            lat, failed = asyncio.run(load(url, args.rate, d, events))
+            token = client_token(cfg.state_path) if kind == "gateway" else None
+            asyncio.run(load(url, args.rate, 1.0, [], token))  # warm-up
+            lat, failed = asyncio.run(load(url, args.rate, d, events, token))
             results[kind] = (lat, failed)
             operator.stdin.close()
             operator.wait(10)

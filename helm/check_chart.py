@@ -7,15 +7,24 @@ For every helm/tuneloop/values-*.yaml (an environment):
      (kubernetes-validate, KUBE_VERSION); custom resources against their CRD's openAPIV3Schema
      from tests/crds (vendored upstream CRDs), strict as well (unknown fields are errors)
   4. validate the run config in the rendered ConfigMap with tuneloop's own config model
+  5. the release's security rules: every pod spec (Deployments, Jobs, CronJobs, TrainingRuntime
+     templates) meets the Pod Security Standard `restricted` profile; every workload runs as its own
+     ServiceAccount, which the chart renders (or the values name as existing), with no API token
+     except the pipeline's (the only account bound to a Role); a rendered Namespace carries valid
+     pod-security.kubernetes.io labels; an Istio AuthorizationPolicy also passes the rules its CRD
+     states as CEL (x-kubernetes-validations), which a JSON-schema validator does not run
+Each environment is rendered twice: as its values file says, and with the opt-in options on
+(OPTIONS: the Istio AuthorizationPolicy, the Namespace object where the namespace is not a Kubeflow
+profile's); steps 2-5 and 6-7 below run on both.
 The compiled pipeline the upload Job ships (pipelines/continuous_training.yaml) is parsed
 strictly into KFP's PipelineSpec (and kfp-kubernetes' PlatformSpec when present). Then, over all environments at once:
-  5. yamllint on the chart's own YAML and on every rendered manifest
-  6. checkov on the rendered manifests and both Dockerfiles: every failed check fails the run
+  6. yamllint on the chart's own YAML and on every rendered manifest
+  7. checkov on the rendered manifests and both Dockerfiles: every failed check fails the run
      unless the chart skips it with a justified `checkov.io/skipN` annotation (Dockerfiles:
      a `# checkov:skip=ID:reason` comment). Offline (BC_SKIP_MAPPING=TRUE) checkov carries no
      severities - they come from the Prisma Cloud mapping - so no check can be told apart as
      HIGH/CRITICAL and all of them are treated as blocking.
-  7. hadolint on docker/Dockerfile and docker/Dockerfile.train
+  8. hadolint on docker/Dockerfile and docker/Dockerfile.train
 Also: Chart appVersion == the package version, and the chart's image repositories match
 src/tuneloop/images.py.
 
@@ -52,8 +61,14 @@ CRD_DIR = ROOT / "tests" / "crds"  # vendored copies of the upstream CRDs (see i
 CUSTOM_KINDS = {
     ("trainer.kubeflow.org/v1alpha1", "TrainingRuntime"):
         ("trainer.kubeflow.org_clustertrainingruntimes.yaml", "ClusterTrainingRuntime"),
+    ("security.istio.io/v1", "AuthorizationPolicy"):
+        ("security.istio.io_authorizationpolicies.yaml", "AuthorizationPolicy"),
 }
 DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.train"]
+# the opt-in options, rendered on top of every environment as a second variant (namespace.create is
+# left out where the release namespace is the Kubeflow profile namespace: the chart refuses it there)
+OPTIONS = {"mesh": {"istio": {"enabled": True, "cni": True}}, "namespace": {"create": True}}
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "TrainingRuntime", "Pod")
 
 
 class Report:
@@ -126,6 +141,7 @@ def crd_schema(crd_file: str, kind: str, version: str) -> dict[str, Any] | None:
             schema = _strict(v["schema"]["openAPIV3Schema"])
             schema["properties"]["metadata"] = {"type": "object"}  # checked by the API server, not the CRD
             schema["properties"]["kind"] = {"type": "string"}
+            schema["properties"]["apiVersion"] = {"type": "string"}  # Istio's CRDs leave both out
             return schema
     raise KeyError(f"{path}: no version {version}")
 
@@ -168,13 +184,226 @@ def check_run_config(objs: list[tuple[str, dict[str, Any]]]) -> str | None:
     return "no run config ConfigMap rendered"
 
 
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """base with extra laid over it, dicts merged key by key (what `-f a.yaml -f b.yaml` does)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def with_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The environment's values with the opt-in options on (see OPTIONS)."""
+    opts = json.loads(json.dumps(OPTIONS))
+    if (values.get("pipeline") or {}).get("kfpNamespace") == RELEASE:
+        opts.pop("namespace")
+    return merged(values, opts)
+
+
+# -- Pod Security Standards, restricted profile (Kubernetes 1.32; baseline's rules included) -------
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+                "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+                "net.ipv4.tcp_keepalive_probes"}
+SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+
+
+def pod_specs(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(where, pod spec) of every pod template in a rendered object."""
+    kind, spec = obj.get("kind"), obj.get("spec") or {}
+    if kind == "Pod":
+        return [("spec", spec)]
+    if kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
+        return [("spec.template.spec", spec["template"]["spec"])]
+    if kind == "CronJob":
+        return [("spec.jobTemplate.spec.template.spec", spec["jobTemplate"]["spec"]["template"]["spec"])]
+    if kind in ("TrainingRuntime", "ClusterTrainingRuntime"):
+        return [(f"replicatedJobs[{rj['name']}]", rj["template"]["spec"]["template"]["spec"])
+                for rj in spec["template"]["spec"]["replicatedJobs"]]
+    return []
+
+
+def _security_context_violations(where: str, sc: dict[str, Any]) -> list[str]:
+    out = []
+    se = sc.get("seLinuxOptions") or {}
+    if se.get("type", "") not in SELINUX_TYPES or se.get("user") or se.get("role"):
+        out.append(f"{where}.seLinuxOptions {se} is not allowed")
+    if (sc.get("appArmorProfile") or {}).get("type") == "Unconfined":
+        out.append(f"{where}.appArmorProfile must not be Unconfined")
+    if (sc.get("windowsOptions") or {}).get("hostProcess"):
+        out.append(f"{where}.windowsOptions.hostProcess must not be true")
+    if sc.get("runAsUser") == 0:
+        out.append(f"{where}.runAsUser must not be 0")
+    seccomp = (sc.get("seccompProfile") or {}).get("type")
+    if seccomp is not None and seccomp not in ("RuntimeDefault", "Localhost"):
+        out.append(f"{where}.seccompProfile.type must be RuntimeDefault or Localhost, not {seccomp}")
+    return out
+
+
+def restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """Every rule of the `restricted` Pod Security Standard this pod spec breaks (empty: it passes)."""
+    out: list[str] = []
+    psc = pod.get("securityContext") or {}
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            out.append(f"{key} must not be true")
+    for vol in pod.get("volumes") or []:
+        kinds = set(vol) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            out.append(f"volume {vol.get('name')}: type {sorted(kinds - RESTRICTED_VOLUMES)} is not allowed")
+    for sysctl in psc.get("sysctls") or []:
+        if sysctl.get("name") not in SAFE_SYSCTLS:
+            out.append(f"sysctl {sysctl.get('name')} is not allowed")
+    out += _security_context_violations("securityContext", psc)
+    containers = [(f"{group}[{c.get('name')}]", c) for group in ("initContainers", "containers", "ephemeralContainers")
+                  for c in pod.get(group) or []]
+    if not containers:
+        out.append("no containers")
+    for where, c in containers:
+        sc = c.get("securityContext") or {}
+        out += _security_context_violations(f"{where}.securityContext", sc)
+        if sc.get("privileged"):
+            out.append(f"{where}: privileged must not be true")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{where}: allowPrivilegeEscalation must be false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            out.append(f"{where}: capabilities.drop must contain ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            out.append(f"{where}: capabilities.add {sorted(set(caps['add']) - {'NET_BIND_SERVICE'})} is not allowed")
+        if sc.get("procMount", "Default") != "Default":
+            out.append(f"{where}: procMount must be Default")
+        if any(p.get("hostPort") for p in c.get("ports") or []):
+            out.append(f"{where}: hostPort is not allowed")
+        if sc.get("runAsNonRoot") is False or not (sc.get("runAsNonRoot") or psc.get("runAsNonRoot")):
+            out.append(f"{where}: runAsNonRoot must be true (pod or container)")
+        if not ((sc.get("seccompProfile") or {}).get("type") or (psc.get("seccompProfile") or {}).get("type")):
+            out.append(f"{where}: seccompProfile must be set (RuntimeDefault or Localhost, pod or container)")
+    return out
+
+
+# -- accounts, namespace labels, mesh policies -------------------------------------------------------
+def external_service_accounts(values: dict[str, Any]) -> set[str]:
+    """ServiceAccounts the values name as existing ones (not rendered by the chart)."""
+    names = {sa.get("name") for sa in (values.get("serviceAccounts") or {}).values() if sa.get("create") is False}
+    names.add((values.get("pipeline") or {}).get("jobServiceAccountName"))
+    return {n for n in names if n}
+
+
+def account_violations(objs: list[dict[str, Any]], values: dict[str, Any]) -> list[str]:
+    """Each workload runs as its own ServiceAccount, one that exists; no API token but the pipeline's."""
+    out = []
+    accounts = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ServiceAccount"}
+    external = external_service_accounts(values)
+    users: dict[str, list[str]] = {}
+    for o in objs:
+        if o["kind"] not in WORKLOAD_KINDS:
+            continue
+        name = f"{o['kind']}/{o['metadata']['name']}"
+        for where, pod in pod_specs(o):
+            sa = pod.get("serviceAccountName")
+            if not sa:
+                out.append(f"{name} {where}: no serviceAccountName (it would run as the namespace's default)")
+                continue
+            users.setdefault(sa, []).append(name)
+            if sa not in accounts and sa not in external:
+                out.append(f"{name} {where}: ServiceAccount {sa} is neither rendered nor named as existing")
+            if pod.get("automountServiceAccountToken") is not False:
+                out.append(f"{name} {where}: automountServiceAccountToken must be false (no chart pod calls the API)")
+    out += [f"ServiceAccount {sa} is shared by {', '.join(names)}" for sa, names in users.items() if len(names) > 1]
+    bound = {(s["name"], s.get("namespace")) for o in objs if o["kind"] in ("RoleBinding", "ClusterRoleBinding")
+             for s in o.get("subjects") or [] if s.get("kind") == "ServiceAccount"}
+    for sa, o in accounts.items():
+        is_bound = (sa, o["metadata"].get("namespace")) in bound
+        token = o.get("automountServiceAccountToken")
+        if is_bound and token is False:
+            out.append(f"ServiceAccount {sa} is bound to a Role but mounts no token")
+        if not is_bound and token is not False:
+            out.append(f"ServiceAccount {sa} has no RBAC, so automountServiceAccountToken must be false")
+        if is_bound and sa in users:
+            out.append(f"ServiceAccount {sa} has API rights but runs the chart's {', '.join(users[sa])}")
+    for o in objs:  # the training pods: the run config names the runtime's account
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-config") and "config.yaml" in o["data"]:
+            cfg = yaml.safe_load(o["data"]["config.yaml"])
+            want = ((cfg.get("train") or {}).get("cluster") or {}).get("service_account")
+            for rt in (x for x in objs if x["kind"] == "TrainingRuntime"):
+                for where, pod in pod_specs(rt):
+                    if pod.get("serviceAccountName") != want:
+                        out.append(f"TrainingRuntime {where}: ServiceAccount {pod.get('serviceAccountName')} is not "
+                                   f"the run config's train.cluster.service_account {want}")
+    return out
+
+
+POD_SECURITY_LEVELS = {"privileged", "baseline", "restricted"}
+
+
+def namespace_violations(objs: list[dict[str, Any]], namespace: str = RELEASE) -> list[str]:
+    out = []
+    for o in objs:
+        if o["kind"] != "Namespace":
+            continue
+        labels = o["metadata"].get("labels") or {}
+        if o["metadata"]["name"] != namespace:
+            out.append(f"Namespace {o['metadata']['name']} is not the release namespace {namespace}")
+        for mode in ("enforce", "audit", "warn"):
+            level = labels.get(f"pod-security.kubernetes.io/{mode}")
+            if level not in POD_SECURITY_LEVELS:
+                out.append(f"Namespace {namespace}: pod-security.kubernetes.io/{mode} is {level!r}")
+            version = labels.get(f"pod-security.kubernetes.io/{mode}-version", "latest")
+            if not re.fullmatch(r"latest|v1\.\d+", version):
+                out.append(f"Namespace {namespace}: pod-security.kubernetes.io/{mode}-version is {version!r}")
+        if labels.get("pod-security.kubernetes.io/enforce") == "restricted":
+            for p in objs:
+                for where, pod in pod_specs(p):
+                    out += [f"{p['kind']}/{p['metadata']['name']} {where}: {v} (the namespace enforces restricted)"
+                            for v in restricted_violations(pod)]
+    return out
+
+
+def authorization_policy_violations(obj: dict[str, Any]) -> list[str]:
+    """The rules the AuthorizationPolicy CRD states as CEL (x-kubernetes-validations), in Python."""
+    out = []
+    spec = obj.get("spec") or {}
+    if sum(k in spec for k in ("selector", "targetRef", "targetRefs")) > 1:
+        out.append("only one of targetRefs or selector can be set")
+    for k, v in ((spec.get("selector") or {}).get("matchLabels") or {}).items():
+        if not k or "*" in k or "*" in str(v):
+            out.append(f"selector.matchLabels {k}={v}: no wildcards, no empty key")
+    refs = [spec["targetRef"]] if "targetRef" in spec else spec.get("targetRefs") or []
+    if any(r.get("namespace") for r in refs):
+        out.append("cross namespace referencing is not currently supported")
+    for i, rule in enumerate(spec.get("rules") or []):
+        for j, f in enumerate(rule.get("from") or []):
+            src = f.get("source") or {}
+            if ({"serviceAccounts", "notServiceAccounts"} & set(src)
+                    and {"principals", "notPrincipals", "namespaces", "notNamespaces"} & set(src)):
+                out.append(f"rules[{i}].from[{j}]: Cannot set serviceAccounts with namespaces or principals")
+    return out
+
+
+def policy_violations(objs: list[dict[str, Any]], values: dict[str, Any]) -> list[str]:
+    """Step 5: restricted pod specs, accounts, namespace labels, AuthorizationPolicy CEL rules."""
+    out = []
+    for o in objs:
+        name = f"{o['kind']}/{o['metadata']['name']}"
+        for where, pod in pod_specs(o):
+            out += [f"{name} {where}: {v} (Pod Security Standard restricted)" for v in restricted_violations(pod)]
+        if o["kind"] == "AuthorizationPolicy":
+            out += [f"{name}: {v}" for v in authorization_policy_violations(o)]
+    out += account_violations(objs, values)
+    out += [v for v in namespace_violations(objs) if "(the namespace enforces restricted)" not in v]
+    return out
+
+
 # -- the steps ---------------------------------------------------------------------------------
 def check_versions(rep: Report) -> None:
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     if str(chart["appVersion"]) != version:
         rep.fail(f"helm/tuneloop/Chart.yaml appVersion {chart['appVersion']!r} != package version {version!r}")
-    images = (ROOT / "components" / "images.py").read_text()
+    images = (ROOT / "src" / "tuneloop" / "images.py").read_text()
     repo = re.search(r'REPOSITORY = "([^"]+)"', images).group(1)
     defaults = load_values(CHART / "values.yaml")
     for key, name in (("image", "tuneloop"), ("trainImage", "tuneloop-train")):
@@ -229,32 +458,43 @@ def check_environment(rep: Report, env: str, values_file: Path, out: Path) -> in
     problems = [m for m in lint["messages"] if m["severity"] >= 2] + [{"error": e} for e in lint["errors"]]
     for m in problems:
         rep.fail(f"[{env}] helm lint: {m.get('path', '')} {m['error']}")
-    try:
-        rendered = render(values)
-    except Exception as e:  # noqa: BLE001 - helm's render/schema errors
-        rep.fail(f"[{env}] render: {e}")
-        return 0
-    objs = manifests(rendered)
-    env_dir = out / env
-    env_dir.mkdir(parents=True)
-    for path, text in rendered.items():  # as `helm template` prints them: yamllint and checkov read these
-        if path.endswith(".yaml") and text.strip():
-            (env_dir / Path(path).name).write_text(f"# Source: {path}\n{text.strip(chr(10))}\n")
-    counts = {"kubernetes": 0, "crd": 0, "skipped": 0}
-    for path, obj in objs:
-        name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
-        how, err = validate_object(obj)
-        counts[how] += 1
-        if err:
-            rep.fail(f"[{env}] {path}: {name}: {err}")
-    err = check_run_config(objs)
-    if err:
-        rep.fail(f"[{env}] runConfig is not a valid tuneloop run config:\n{err}")
     lint_note = f"lint: {len(lint['messages'])} info message(s)" if lint["messages"] else "lint clean"
-    skipped = f", {counts['skipped']} custom resource(s) not validated ({CRD_DIR} missing)" if counts["skipped"] else ""
-    rep.ok(f"[{env}] rendered {len(objs)} objects; {counts['kubernetes']} valid against Kubernetes {KUBE_VERSION} "
-           f"(strict), {counts['crd']} against their CRD (strict){skipped}; run config valid; {lint_note}")
-    return len(objs)
+    total = 0
+    for variant, vals in ((env, values), (f"{env}+options", with_options(values))):
+        try:
+            rendered = render(vals)
+        except Exception as e:  # noqa: BLE001 - helm's render/schema errors
+            rep.fail(f"[{variant}] render: {e}")
+            continue
+        objs = manifests(rendered)
+        env_dir = out / variant
+        env_dir.mkdir(parents=True)
+        for path, text in rendered.items():  # as `helm template` prints them: yamllint and checkov read these
+            if path.endswith(".yaml") and text.strip():
+                (env_dir / Path(path).name).write_text(f"# Source: {path}\n{text.strip(chr(10))}\n")
+        counts = {"kubernetes": 0, "crd": 0, "skipped": 0}
+        for path, obj in objs:
+            name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+            how, err = validate_object(obj)
+            counts[how] += 1
+            if err:
+                rep.fail(f"[{variant}] {path}: {name}: {err}")
+        err = check_run_config(objs)
+        if err:
+            rep.fail(f"[{variant}] runConfig is not a valid tuneloop run config:\n{err}")
+        plain = [o for _, o in objs]
+        for v in policy_violations(plain, vals):
+            rep.fail(f"[{variant}] {v}")
+        pods = sum(len(pod_specs(o)) for o in plain)
+        extra = sorted({o["kind"] for o in plain if o["kind"] in ("Namespace", "AuthorizationPolicy")})
+        skipped = (f", {counts['skipped']} custom resource(s) not validated ({CRD_DIR} missing)"
+                   if counts["skipped"] else "")
+        rep.ok(f"[{variant}] rendered {len(objs)} objects{' incl. ' + ', '.join(extra) if extra else ''}; "
+               f"{counts['kubernetes']} valid against Kubernetes {KUBE_VERSION} (strict), {counts['crd']} against "
+               f"their CRD (strict){skipped}; run config valid; {pods} pod specs pass Pod Security restricted; "
+               f"ServiceAccounts one per workload{'; ' + lint_note if variant == env else ''}")
+        total += len(objs)
+    return total
 
 
 def check_yamllint(rep: Report, out: Path) -> None:

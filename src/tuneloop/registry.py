@@ -40,6 +40,10 @@ TAG_CANARY_PERCENT = "tuneloop.canary_percent"
 TAG_TRAINED_SLICES = "tuneloop.trained_slices"  # slices the version learned: each must stay evaluated
 
 
+class RegistryUnavailable(RuntimeError):
+    """The registry did not answer (as opposed to answering "no such alias")."""
+
+
 def git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -175,12 +179,22 @@ class Registry:
 
     # -- registry --
     def alias_version(self, alias: str) -> Any | None:
+        """The version an alias points at; None when the alias (or the registered model) does not exist.
+        Any other failure - the server or its database unreachable, a timeout, a permission error - is
+        RegistryUnavailable: "unknown" must never read as "not set" (a reload would drop the canary)."""
         from mlflow.exceptions import MlflowException
 
         try:
             return self.client.get_model_version_by_alias(self.name, alias)
-        except MlflowException:
-            return None
+        except MlflowException as e:
+            code, message = getattr(e, "error_code", ""), str(e)
+            # a missing registered model is RESOURCE_DOES_NOT_EXIST; a missing alias comes back as
+            # INVALID_PARAMETER_VALUE "Registered model alias X not found." (sqlalchemy and REST stores)
+            if code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in message):
+                return None
+            raise RegistryUnavailable(f"alias {alias!r} of {self.name}: {code}: {message[:300]}") from e
+        except Exception as e:  # noqa: BLE001 - whatever the transport raised: not an answer
+            raise RegistryUnavailable(f"alias {alias!r} of {self.name}: {type(e).__name__}: {str(e)[:300]}") from e
 
     def register(self, run_id: str, adapter_dir: Path, tags: dict[str, str]) -> Any:
         """Register the adapter as a new version, alias `challenger`. A retry of the same

@@ -112,7 +112,7 @@ def ingest_stage(cfg: RunConfig, parent_id: str, out: Path) -> dict[str, Any]:
         rows = FeedbackStore(cfg.feedback_db).rows() if cfg.data.use_feedback else []
         champion = champion_training_data(reg, cfg.state_path / "champion-data") if cfg.data.replay_share > 0 \
             else None
-        report = ingest(cfg.data, ChatFormatter(tok, cfg.data.system_prompt), out, rows, champion)
+        report = ingest(cfg.data, ChatFormatter(tok, cfg.data.system_prompt), out, rows, champion, train=cfg.train)
         log_data_lineage(reg, run_id, parent_id, report)
         for kind, ctx in (("sft", "training"), ("preference", "training"), ("eval", "evaluation")):
             reg.log_dataset(run_id, out / f"{kind}.jsonl", f"{cfg.name}-{kind}", report["file_sha256"][kind], ctx)
@@ -151,6 +151,13 @@ def log_data_lineage(reg: Registry, run_id: str, parent_id: str, report: dict[st
                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
     reg.log_params(run_id, {"replay.champion_version": rp.get("champion_version") or "none",
                             "replay.note": rp.get("note", ""), "pii.nlp_model": pii.get("nlp_model", "")})
+    nz, lr = report.get("normalize", {}), report.get("long_records", {})
+    reg.log_metrics(run_id, {f"normalize.{k}": v for k, v in nz.get("texts_changed", {}).items()})
+    reg.log_metrics(run_id, {_metric_key(f"normalize.{s}.{k}"): v for s, c in nz.get("per_source", {}).items()
+                             for k, v in c.items() if isinstance(v, (int, float))})
+    reg.log_metrics(run_id, {f"long_records.{k}": lr[k] for k in ("truncated", "quarantined") if k in lr})
+    reg.log_params(run_id, {"long_records.policy": lr.get("policy", ""),
+                            "encodings": json.dumps(report.get("encodings", {}))[:6000]})
     for k, v in report["file_sha256"].items():
         reg.set_tag(run_id, f"tuneloop.sha256.{k}", v)
     reg.set_tag(run_id, TAG_DATA_HASH, report["data_hash"])

@@ -20,6 +20,7 @@ def test_rollback_on_errors_promotion_when_healthy_and_feedback_to_pairs(tmp_pat
     from tuneloop.data.formatting import ChatFormatter
     from tuneloop.data.ingest import ingest
     from tuneloop.deploy.canary import analyze_canary, deploy_canary, promote, rollback, start_gateway, stop_gateway
+    from tuneloop.feedback.auth import client_headers
     from tuneloop.feedback.store import FeedbackStore
     from tuneloop.registry import Registry
     from tuneloop.tiny import build_random_adapter
@@ -30,10 +31,12 @@ def test_rollback_on_errors_promotion_when_healthy_and_feedback_to_pairs(tmp_pat
     good = register_version(reg, build_random_adapter(tiny_model_dir, tmp_path / "a2", seed=2), "r2")
     url = cfg.deploy.gateway_url
     gw = start_gateway(cfg)
+    admin = client_headers(cfg.state_path)  # the gateway's own token (no keys configured)
     try:
+        assert httpx.post(f"{url}/admin/reload").status_code == 401  # `curl -X POST .../admin/reload`
         d = deploy_canary(cfg, bad)
         assert httpx.get(f"{url}/healthz").json()["canary"] == bad
-        httpx.post(f"{url}/admin/faults", json={"variant": "canary", "error_rate": 1.0}).raise_for_status()
+        httpx.post(f"{url}/admin/faults", json={"variant": "canary", "error_rate": 1.0}, headers=admin).raise_for_status()
         result = analyze_canary(cfg, d["deployed_at"])
         assert result["decision"] == "rollback"
         failed = {c["check"] for c in result["checks"] if not c["passed"]}
@@ -42,7 +45,7 @@ def test_rollback_on_errors_promotion_when_healthy_and_feedback_to_pairs(tmp_pat
         rollback(cfg, bad)
         assert httpx.get(f"{url}/healthz").json()["canary"] is None
         assert reg.version_tags(bad)["tuneloop.rolled_back"] == "true"
-        httpx.post(f"{url}/admin/faults", json={"variant": "canary"}).raise_for_status()
+        httpx.post(f"{url}/admin/faults", json={"variant": "canary"}, headers=admin).raise_for_status()
 
         d = deploy_canary(cfg, good)
         result = analyze_canary(cfg, d["deployed_at"])
@@ -52,7 +55,7 @@ def test_rollback_on_errors_promotion_when_healthy_and_feedback_to_pairs(tmp_pat
         assert state["champion"] == good and state["canary"] is None
         assert reg.aliases() == {"champion": good}
         r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                            "max_tokens": 2, "user": "after-promotion"})
+                                                            "max_tokens": 2, "user": "after-promotion"}, headers=admin)
         assert r.status_code == 200 and r.json()["tuneloop"]["version"] == good
     finally:
         stop_gateway(gw)

@@ -44,17 +44,11 @@ def by_kind(objs: list[dict], kind: str) -> list[dict]:
 
 
 def pod_specs(objs: list[dict]) -> list[tuple[str, dict]]:
-    out = []
-    for o in objs:
-        spec = o.get("spec", {})
-        if o["kind"] in ("Deployment", "Job"):
-            out.append((o["metadata"]["name"], spec["template"]["spec"]))
-        elif o["kind"] == "CronJob":
-            out.append((o["metadata"]["name"], spec["jobTemplate"]["spec"]["template"]["spec"]))
-        elif o["kind"] == "TrainingRuntime":
-            for rj in spec["template"]["spec"]["replicatedJobs"]:
-                out.append((o["metadata"]["name"], rj["template"]["spec"]["template"]["spec"]))
-    return out
+    return [(o["metadata"]["name"], spec) for o in objs for _, spec in check_chart.pod_specs(o)]
+
+
+def with_changes(values: dict, changes: dict) -> dict:
+    return check_chart.merged(values, changes)
 
 
 @pytest.fixture(scope="module", params=ENVS)
@@ -62,16 +56,29 @@ def rendered(request) -> tuple[str, list[dict]]:
     return request.param, render(env_values(request.param))
 
 
+@pytest.fixture(scope="module", params=ENVS)
+def rendered_with_options(request) -> tuple[str, list[dict]]:
+    """The environment with the opt-in options on (the Istio policy, the Namespace object)."""
+    return request.param, render(check_chart.with_options(env_values(request.param)))
+
+
 def test_every_environment_is_checked():
     assert set(ENVS) == {"dev", "staging", "prod"}
 
 
-def test_manifests_validate_strictly(rendered):
-    env, objs = rendered
-    assert len(objs) >= 14
-    errors = [(o["kind"], o["metadata"]["name"], check_chart.validate_object(o)) for o in objs]
-    assert [e for e in errors if e[2][1]] == []
-    assert check_chart.check_run_config([("", o) for o in objs]) is None
+@pytest.mark.parametrize("options", [False, True], ids=["as-is", "options-on"])
+def test_manifests_validate_strictly(options):
+    for env in ENVS:
+        values = check_chart.with_options(env_values(env)) if options else env_values(env)
+        objs = render(values)
+        assert len(objs) >= 20
+        errors = [(o["kind"], o["metadata"]["name"], check_chart.validate_object(o)) for o in objs]
+        assert [e for e in errors if e[2][1]] == [], env
+        assert check_chart.check_run_config([("", o) for o in objs]) is None
+        assert check_chart.policy_violations(objs, values) == [], env
+        kinds = {o["kind"] for o in objs}
+        assert ("AuthorizationPolicy" in kinds) == options, env
+        assert ("Namespace" in kinds) == (options and env_values(env)["pipeline"].get("kfpNamespace") != "tuneloop")
 
 
 def test_helm_lint_has_no_warnings():
@@ -100,6 +107,9 @@ def test_rbac_is_exactly_what_the_pipeline_needs(rendered):
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": roles[0]["metadata"]["name"]}
     assert binding["subjects"] and all(s["kind"] == "ServiceAccount" for s in binding["subjects"])
+    # of the chart's own accounts, only the pipeline's is bound
+    own = {o["metadata"]["name"] for o in by_kind(objs, "ServiceAccount")}
+    assert {s["name"] for s in binding["subjects"]} & own == {"tuneloop-pipeline"}
 
 
 def test_no_secrets_in_the_chart(rendered):
@@ -146,8 +156,16 @@ def test_workloads_run_as_documented(rendered):
     (cron,) = by_kind(objs, "CronJob")
     monitor = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     assert monitor["command"] == ["tuneloop", "monitor", "/etc/tuneloop/config.yaml"]
-    (job,) = by_kind(objs, "Job")
+    jobs = {o["metadata"]["name"]: o for o in by_kind(objs, "Job")}
+    assert set(jobs) == {"tuneloop-pipeline-upload", "tuneloop-mlflow-users"}
+    job, users = jobs["tuneloop-pipeline-upload"], jobs["tuneloop-mlflow-users"]
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    # the MLflow users exist before the pipeline is uploaded (and can run)
+    assert users["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    assert int(users["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(
+        job["metadata"]["annotations"]["helm.sh/hook-weight"])
+    assert users["spec"]["template"]["spec"]["containers"][0]["command"][:3] == ["python", "-m",
+                                                                               "tuneloop.mlflow_users"]
     script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
     assert "tuneloop upload-pipeline --host" in script
     assert ("tuneloop schedule /etc/tuneloop/config.yaml" in script) == (env != "dev")
@@ -228,6 +246,21 @@ def test_schema_refuses_an_unknown_key():
     ({"stateVolume": {"existingClaim": ""}}, "stateVolume.existingClaim is empty"),
     ({"runConfig": {"state_dir": "/mnt/tuneloop/state"}}, "runConfig.state_dir (/mnt/tuneloop/state) must be "
                                                           "stateVolume.mountPath (/mnt/tuneloop)"),
+    # prod installs into its Kubeflow profile namespace (pipeline.kfpNamespace = the release namespace)
+    ({"namespace": {"create": True}}, "tuneloop is the Kubeflow profile namespace"),
+    ({"namespace": {"labels": {"pod-security.kubernetes.io/enforce": "baseline"}}},
+     "set the Pod Security levels in namespace.podSecurity"),
+    ({"containerSecurityContext": {"allowPrivilegeEscalation": True, "capabilities": {"add": ["SYS_ADMIN"]}}},
+     "would be rejected: containerSecurityContext.allowPrivilegeEscalation must be false; "
+     "capability SYS_ADMIN may not be added"),
+    ({"podSecurityContext": {"seccompProfile": {"type": "Unconfined"}}},
+     "seccompProfile.type must be RuntimeDefault or Localhost"),
+    ({"mesh": {"istio": {"enabled": True}}}, "needs mesh.istio.cni true"),
+    ({"mlflow": {"auth": {"users": {"existingSecret": ""}}}}, "mlflow.auth.users.existingSecret is empty"),
+    ({"mlflow": {"auth": {"users": {"enabled": False}}}}, "mlflow.auth.users.enabled must be true"),
+    ({"mlflow": {"auth": {"users": {"existingSecret": "tuneloop-mlflow-auth"}}}},
+     "mlflow.auth.users.existingSecret must not be mlflow.auth.existingSecret"),
+    ({"serviceAccounts": {"monitor": {"create": False}}}, "serviceAccounts.monitor.name is required"),
 ])
 def test_fail_guards_refuse_impossible_combinations(change, message):
     import helm_python as helm
@@ -247,6 +280,228 @@ def test_tracking_uri_defaults_to_the_chart_mlflow():
     (cm,) = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"] == "tuneloop-config"]
     cfg = yaml.safe_load(cm["data"]["config.yaml"])
     assert cfg["registry"]["tracking_uri"] == "http://tuneloop-mlflow.tuneloop.svc.cluster.local:5000"
+
+
+# -- accounts, Pod Security, network and mesh policies --------------------------------------------
+def test_each_workload_runs_as_its_own_account_without_api_rights(rendered):
+    env, objs = rendered
+    values = env_values(env)
+    accounts = {o["metadata"]["name"]: o for o in by_kind(objs, "ServiceAccount")}
+    used = {o["metadata"]["name"]: spec["serviceAccountName"] for o in objs for _, spec in check_chart.pod_specs(o)}
+    upload = values["pipeline"].get("jobServiceAccountName") or "tuneloop-pipeline-upload"
+    assert used == {"tuneloop-mlflow": "tuneloop-mlflow", "tuneloop-feedback": "tuneloop-feedback",
+                    "tuneloop-monitor": "tuneloop-monitor", "tuneloop-pipeline-upload": upload,
+                    "tuneloop-mlflow-users": "tuneloop-mlflow-users", "tuneloop-deepspeed": "tuneloop-training"}
+    assert set(accounts) == (set(used.values()) - {upload}) | {upload} - {"default-editor"} | {"tuneloop-pipeline"}
+    # only the pipeline's account keeps an API token; the pods say so too
+    assert {n: a["automountServiceAccountToken"] for n, a in accounts.items()} == {
+        n: n == "tuneloop-pipeline" for n in accounts}
+    assert all(spec["automountServiceAccountToken"] is False for _, spec in pod_specs(objs))
+    # the training pods: the run config names the runtime's account for TrainJob patches and PyTorchJobs
+    (cm,) = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"] == "tuneloop-config"]
+    assert yaml.safe_load(cm["data"]["config.yaml"])["train"]["cluster"]["service_account"] == "tuneloop-training"
+    assert check_chart.account_violations(objs, values) == []
+
+
+def test_account_check_catches_sharing_tokens_and_dangling_names():
+    values = env_values("dev")
+    objs = render(values)
+    deployments = {o["metadata"]["name"]: o for o in by_kind(objs, "Deployment")}
+    deployments["tuneloop-feedback"]["spec"]["template"]["spec"]["serviceAccountName"] = "tuneloop-mlflow"
+    (cron,) = by_kind(objs, "CronJob")
+    cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["serviceAccountName"] = "nobody"
+    [sa] = [o for o in by_kind(objs, "ServiceAccount") if o["metadata"]["name"] == "tuneloop-monitor"]
+    sa["automountServiceAccountToken"] = True
+    problems = "\n".join(check_chart.account_violations(objs, values))
+    [shared] = [line for line in problems.splitlines() if line.startswith("ServiceAccount tuneloop-mlflow is shared")]
+    assert "Deployment/tuneloop-mlflow" in shared and "Deployment/tuneloop-feedback" in shared
+    assert "CronJob/tuneloop-monitor spec.jobTemplate.spec.template.spec: ServiceAccount nobody is neither " \
+        "rendered nor named as existing" in problems
+    assert "ServiceAccount tuneloop-monitor has no RBAC, so automountServiceAccountToken must be false" in problems
+
+
+def test_existing_accounts_can_be_named():
+    values = with_changes(env_values("prod"), {"serviceAccounts": {"mlflow": {"create": False, "name": "mlflow-irsa"},
+                                                                  "training": {"name": "gpu-trainer"}}})
+    objs = render(values)
+    assert "mlflow-irsa" not in {o["metadata"]["name"] for o in by_kind(objs, "ServiceAccount")}
+    used = {o["metadata"]["name"]: spec["serviceAccountName"] for o in objs for _, spec in check_chart.pod_specs(o)}
+    assert used["tuneloop-mlflow"] == "mlflow-irsa" and used["tuneloop-deepspeed"] == "gpu-trainer"
+    assert check_chart.policy_violations(objs, values) == []
+
+
+def test_every_pod_passes_the_restricted_profile_and_the_check_bites(rendered):
+    env, objs = rendered
+    for name, spec in pod_specs(objs):
+        assert check_chart.restricted_violations(spec) == [], name
+    # what the check refuses, one rule at a time
+    (_, good) = pod_specs([o for o in objs if o["metadata"]["name"] == "tuneloop-feedback"
+                           and o["kind"] == "Deployment"])[0]
+    cases = {
+        "hostNetwork must not be true": lambda p: p.update(hostNetwork=True),
+        "type ['hostPath'] is not allowed": lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+        "allowPrivilegeEscalation must be false": lambda p: p["containers"][0]["securityContext"].pop(
+            "allowPrivilegeEscalation"),
+        "capabilities.drop must contain ALL": lambda p: p["containers"][0]["securityContext"].pop("capabilities"),
+        "capabilities.add ['NET_RAW'] is not allowed": lambda p: p["containers"][0]["securityContext"][
+            "capabilities"].update(add=["NET_RAW"]),
+        "runAsNonRoot must be true": lambda p: [p["securityContext"].pop("runAsNonRoot"),
+                                                p["containers"][0]["securityContext"].pop("runAsNonRoot")],
+        "seccompProfile must be set": lambda p: p["securityContext"].pop("seccompProfile"),
+        "runAsUser must not be 0": lambda p: p["securityContext"].update(runAsUser=0),
+        "initContainers[init]: allowPrivilegeEscalation must be false": lambda p: p.setdefault(
+            "initContainers", []).append({"name": "init", "image": "x", "securityContext": {
+                "capabilities": {"drop": ["ALL"]}}}),
+        "hostPort is not allowed": lambda p: p["containers"][0]["ports"][0].update(hostPort=8080),
+    }
+    for message, breaks in cases.items():
+        spec = json.loads(json.dumps(good))
+        breaks(spec)
+        assert any(message in v for v in check_chart.restricted_violations(spec)), message
+
+
+def test_a_weaker_namespace_lets_values_through_but_chart_check_still_fails_them():
+    """enforce baseline turns the chart's guard off; helm/check_chart.py still refuses what would not
+    pass `restricted`."""
+    values = with_changes(env_values("dev"), {"namespace": {"podSecurity": {"enforce": "baseline"}},
+                                              "containerSecurityContext": {"allowPrivilegeEscalation": True}})
+    objs = render(values)
+    problems = check_chart.policy_violations(objs, values)
+    assert len([p for p in problems if "allowPrivilegeEscalation must be false" in p]) == 6
+
+
+def test_namespace_is_opt_in_and_labelled_for_pod_security():
+    assert by_kind(render(env_values("dev")), "Namespace") == []
+    objs = render(with_changes(env_values("staging"), {"namespace": {
+        "create": True, "podSecurity": {"warn": "restricted", "enforce": "baseline", "version": "v1.32"},
+        "labels": {"istio-injection": "enabled"}}}))
+    (ns,) = by_kind(objs, "Namespace")
+    labels = ns["metadata"]["labels"]
+    assert ns["metadata"]["name"] == "tuneloop" and "namespace" not in ns["metadata"]
+    assert {k: v for k, v in labels.items() if k.startswith("pod-security")} == {
+        "pod-security.kubernetes.io/enforce": "baseline", "pod-security.kubernetes.io/enforce-version": "v1.32",
+        "pod-security.kubernetes.io/audit": "restricted", "pod-security.kubernetes.io/audit-version": "v1.32",
+        "pod-security.kubernetes.io/warn": "restricted", "pod-security.kubernetes.io/warn-version": "v1.32"}
+    assert labels["istio-injection"] == "enabled"
+    assert ns["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"  # uninstall keeps Secrets and PVCs
+    assert check_chart.namespace_violations(objs) == []
+    bad = json.loads(json.dumps(ns))
+    bad["metadata"]["labels"]["pod-security.kubernetes.io/audit"] = "strict"
+    assert check_chart.namespace_violations([bad]) == [
+        "Namespace tuneloop: pod-security.kubernetes.io/audit is 'strict'"]
+    import helm_python as helm
+
+    for system in ("default", "kube-system"):
+        with pytest.raises(helm.HelmRenderError, match=f"the release namespace {system} is a system namespace"):
+            check_chart.render(with_changes(env_values("dev"), {"namespace": {"create": True}}), namespace=system)
+
+
+def test_notes_say_how_to_label_an_existing_namespace():
+    notes = check_chart.render(env_values("prod"))["tuneloop/templates/NOTES.txt"]
+    assert "kubectl label --overwrite namespace tuneloop" in notes
+    for mode in ("enforce", "audit", "warn"):
+        assert f"pod-security.kubernetes.io/{mode}=restricted" in notes
+    notes = check_chart.render(with_changes(env_values("dev"), {"namespace": {"create": True}}))[
+        "tuneloop/templates/NOTES.txt"]
+    assert "kubectl label" not in notes and "labelled for Pod Security: enforce=restricted" in notes
+
+
+def _peers(policy: dict) -> list[dict]:
+    return [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+
+
+def test_feedback_service_admits_only_the_serving_pods_and_the_ingress(rendered):
+    env, objs = rendered
+    values = env_values(env)
+    policies = {o["metadata"]["name"]: o for o in by_kind(objs, "NetworkPolicy")}
+    feedback = policies["tuneloop-feedback"]
+    assert [p["port"] for r in feedback["spec"]["ingress"] for p in r["ports"]] == [8080]
+    serving_pods = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tuneloop"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "tuneloop",
+                                                    "app.kubernetes.io/instance": "tuneloop",
+                                                    "app.kubernetes.io/component": "serving"}}}
+    ingress = values.get("networkPolicy", {}).get("ingressNamespace")
+    want = [serving_pods] + ([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ingress}}}]
+                             if ingress else [])
+    assert _peers(feedback) == want
+    # the labels the platform puts on the predictor pods are the ones selected here
+    from tuneloop.deploy import kserve
+
+    cfg = _release_config(objs, Path(__import__("tempfile").mkdtemp()))
+    isvc = kserve.inference_service(cfg, "1", "pvc://x/adapter", None)
+    assert serving_pods["podSelector"]["matchLabels"].items() <= isvc["spec"]["predictor"]["labels"].items()
+    assert isvc["metadata"]["namespace"] == "tuneloop"
+    # the predictor pods are under the default deny (they carry the selector labels): Knative reaches them
+    serving = policies["tuneloop-serving"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "knative-serving"}}} \
+        in _peers(serving)
+
+
+def test_istio_policy_tells_the_two_feedback_paths_apart(rendered_with_options):
+    env, objs = rendered_with_options
+    (policy,) = by_kind(objs, "AuthorizationPolicy")
+    assert check_chart.validate_object(policy) == ("crd", None)
+    assert check_chart.authorization_policy_violations(policy) == []
+    spec = policy["spec"]
+    assert spec["action"] == "ALLOW"
+    assert spec["selector"]["matchLabels"]["app.kubernetes.io/component"] == "feedback"
+    allowed = {(tuple(r["from"][0]["source"]["principals"]), tuple(r["to"][0]["operation"]["methods"]),
+                tuple(r["to"][0]["operation"]["paths"])) for r in spec["rules"]}
+    assert allowed == {
+        (("cluster.local/ns/tuneloop/sa/tuneloop-serving",), ("POST",), ("/v1/kserve-events",)),
+        (("cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account",), ("POST",), ("/v1/feedback",))}
+    # the chart's Jobs run without a sidecar, which would keep them from completing
+    for o in by_kind(objs, "Job") + by_kind(objs, "CronJob"):
+        meta = o["spec"].get("template", {}).get("metadata") or o["spec"]["jobTemplate"]["spec"]["template"]["metadata"]
+        assert meta["labels"]["sidecar.istio.io/inject"] == "false", o["metadata"]["name"]
+    # the real CRD's schema bites, and so do its CEL rules (checked in Python)
+    bad = json.loads(json.dumps(policy))
+    bad["spec"]["rules"][0]["to"][0]["operation"]["path"] = ["/v1/kserve-events"]
+    assert "'path' was unexpected" in check_chart.validate_object(bad)[1]
+    bad = json.loads(json.dumps(policy))
+    bad["spec"]["targetRefs"] = [{"kind": "Service", "group": "", "name": "tuneloop-feedback"}]
+    bad["spec"]["rules"][0]["from"][0]["source"]["serviceAccounts"] = ["tuneloop/tuneloop-serving"]
+    assert check_chart.authorization_policy_violations(bad) == [
+        "only one of targetRefs or selector can be set",
+        "rules[0].from[0]: Cannot set serviceAccounts with namespaces or principals"]
+
+
+def test_mlflow_clients_authenticate_as_their_own_user(rendered):
+    env, objs = rendered
+
+    def creds(env_list: list[dict]) -> tuple:
+        e = {x["name"]: x.get("valueFrom", {}).get("secretKeyRef") for x in env_list}
+        return (e["MLFLOW_TRACKING_USERNAME"]["name"], e["MLFLOW_TRACKING_USERNAME"]["key"],
+                e["MLFLOW_TRACKING_PASSWORD"]["key"])
+
+    (cron,) = by_kind(objs, "CronJob")
+    monitor = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert creds(monitor["env"]) == ("tuneloop-mlflow-users", "monitor-username", "monitor-password")
+    (runtime,) = by_kind(objs, "TrainingRuntime")
+    ((_, spec),) = pod_specs([runtime])
+    assert creds(spec["containers"][0]["env"]) == ("tuneloop-mlflow-users", "training-username",
+                                                   "training-password")
+    (job,) = [o for o in by_kind(objs, "Job") if o["metadata"]["name"] == "tuneloop-mlflow-users"]
+    job_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in job["spec"]["template"]["spec"]["containers"][0]
+               ["env"] if "valueFrom" in e}
+    assert job_env.pop("MLFLOW_TRACKING_USERNAME") == {"name": "tuneloop-mlflow-auth", "key": "username"}
+    assert job_env.pop("MLFLOW_TRACKING_PASSWORD") == {"name": "tuneloop-mlflow-auth", "key": "password"}
+    assert job_env == {f"TUNELOOP_MLFLOW_{role.upper()}_{what.upper()}": {"name": "tuneloop-mlflow-users",
+                                                                        "key": f"{role}-{what}"}
+                       for role in ("pipeline", "monitor", "training", "serving") for what in ("username", "password")}
+    # nothing but the users Job and the server sees the admin Secret
+    for name, pod in pod_specs(objs):
+        if name not in ("tuneloop-mlflow", "tuneloop-mlflow-users"):
+            assert "tuneloop-mlflow-auth" not in json.dumps(pod), name
+
+
+def test_dev_can_keep_the_admin_for_every_client():
+    objs = render(with_changes(env_values("dev"), {"mlflow": {"auth": {"users": {"enabled": False}}}}))
+    assert "tuneloop-mlflow-users" not in {o["metadata"]["name"] for o in objs}
+    (cron,) = by_kind(objs, "CronJob")
+    env = {e["name"]: e for e in cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "tuneloop-mlflow-auth",
+                                                                            "key": "password"}
 
 
 # -- the chart's own service commands, run for real on this machine ------------------------------
@@ -277,6 +532,10 @@ def _env(container: dict, secrets: dict[str, str], overrides: dict[str, str]) ->
 
 def test_prod_mlflow_server_runs_as_rendered_on_postgres_s3_and_basic_auth(postgres, s3_server, tmp_path,
                                                                           tiny_model_dir, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
     import boto3
     import httpx
     from conftest import free_port, register_version, start_until_healthy, tiny_config
@@ -290,7 +549,9 @@ def test_prod_mlflow_server_runs_as_rendered_on_postgres_s3_and_basic_auth(postg
                "tuneloop-mlflow-db/auth-database-uri": postgres("mlflow_prod_auth"),
                "tuneloop-mlflow-s3/AWS_ACCESS_KEY_ID": "testing", "tuneloop-mlflow-s3/AWS_SECRET_ACCESS_KEY": "testing",
                "tuneloop-mlflow-auth/username": "platform-admin", "tuneloop-mlflow-auth/password": "not-a-real-secret-1",
-               "tuneloop-mlflow-auth/flask-secret-key": "not-a-real-key-0123456789abcdef"}
+               "tuneloop-mlflow-auth/flask-secret-key": "not-a-real-key-0123456789abcdef",
+               **{f"tuneloop-mlflow-users/{role}-{what}": role if what == "username" else f"{role}-password-0123"
+                  for role in ("pipeline", "monitor", "training", "serving") for what in ("username", "password")}}
     bucket = env_values("prod")["mlflow"]["artifacts"]["destination"].removeprefix("s3://").split("/")[0]
     boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
                  region_name="us-east-1").create_bucket(Bucket=bucket)
@@ -309,9 +570,28 @@ def test_prod_mlflow_server_runs_as_rendered_on_postgres_s3_and_basic_auth(postg
     try:
         r = httpx.get(f"{url}/api/2.0/mlflow/experiments/search", params={"max_results": 1})
         assert r.status_code == 401, "prod MLflow must refuse anonymous requests"
-        cfg = load_config(tiny_config(tmp_path, tiny_model_dir, registry__tracking_uri=url))
-        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "platform-admin")
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-a-real-secret-1")
+        # the MLflow users hook Job, as rendered: the release's run config (pointed at this server),
+        # the admin's and each user's credentials from the Secrets
+        (cm,) = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"] == "tuneloop-config"]
+        release_cfg = yaml.safe_load(cm["data"]["config.yaml"])
+        release_cfg["registry"]["tracking_uri"] = url
+        (tmp_path / "release.yaml").write_text(yaml.safe_dump(release_cfg))
+        [job] = [o for o in by_kind(objs, "Job") if o["metadata"]["name"] == "tuneloop-mlflow-users"]
+        jc = job["spec"]["template"]["spec"]["containers"][0]
+        argv = [sys.executable if a == "python" else str(tmp_path / "release.yaml")
+                if a == "/etc/tuneloop/config.yaml" else a for a in jc["command"]]
+        done = subprocess.run(argv, env=_env(jc, secrets, {}), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "pipeline: user pipeline created" in done.stderr and "password-0123" not in done.stdout + done.stderr
+        # the pipeline tasks authenticate with what the run config's kubernetes.secrets name: the pipeline user
+        cfg = load_config(tiny_config(tmp_path, tiny_model_dir, registry__tracking_uri=url,
+                                      registry__experiment=release_cfg["registry"]["experiment"],
+                                      registry__model_name=release_cfg["registry"]["model_name"]))
+        task_env = {e["name"]: secrets[f"{e['secret']}/{e['key']}"] for e in release_cfg["kubernetes"]["secrets"]
+                    if e["name"].startswith("MLFLOW_TRACKING_")}
+        assert task_env["MLFLOW_TRACKING_USERNAME"] == "pipeline"
+        for k, v in task_env.items():
+            monkeypatch.setenv(k, v)
         reg = Registry(cfg)
         adapter = tmp_path / "adapter"
         adapter.mkdir()
@@ -323,6 +603,21 @@ def test_prod_mlflow_server_runs_as_rendered_on_postgres_s3_and_basic_auth(postg
                                                aws_secret_access_key="testing", region_name="us-east-1")
                 .list_objects_v2(Bucket=bucket).get("Contents", [])]
         assert any(k.endswith("adapter_config.json") for k in keys), f"artifacts did not land in S3: {keys}"
+        # the monitor, with the credentials of the rendered CronJob: reads the champion, records its run,
+        # cannot move the alias (prod's default permission is NO_PERMISSIONS)
+        (cron,) = by_kind(objs, "CronJob")
+        for e in cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]:
+            if e["name"] in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                ref = e["valueFrom"]["secretKeyRef"]
+                monkeypatch.setenv(e["name"], secrets[f"{ref['name']}/{ref['key']}"])
+        assert os.environ["MLFLOW_TRACKING_USERNAME"] == "monitor"
+        mon = Registry(cfg)
+        assert mon.alias_version("champion") is not None
+        mon.record_run("monitor-check", {"tuneloop.stage": "monitor"}, {"window_requests": 1.0})
+        from mlflow.exceptions import MlflowException
+
+        with pytest.raises(MlflowException, match="PERMISSION_DENIED|403|Permission denied"):
+            mon.set_alias("champion", "1")
     finally:
         proc.terminate()
         proc.wait(30)
@@ -386,7 +681,8 @@ def test_release_pipeline_and_monitor_reach_the_release_services(rendered, tmp_p
     claim, mount = values["stateVolume"]["existingClaim"], cfg.state_dir
     feedback_secret = values.get("feedback", {}).get("database", {}).get("existingSecret")
 
-    job_script = by_kind(objs, "Job")[0]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    [upload] = [o for o in by_kind(objs, "Job") if o["metadata"]["name"] == "tuneloop-pipeline-upload"]
+    job_script = upload["spec"]["template"]["spec"]["containers"][0]["args"][0]
     assert "tuneloop compile --config /etc/tuneloop/config.yaml --out /tmp/pipeline.yaml" in job_script
     assert "--package /tmp/pipeline.yaml" in job_script
     out = compile_pipeline(tmp_path / "pipeline.yaml", cfg)
@@ -395,8 +691,9 @@ def test_release_pipeline_and_monitor_reach_the_release_services(rendered, tmp_p
         [pvc] = spec["pvcMount"]
         assert (pvc["constant"], pvc["mountPath"]) == (claim, mount), name
         envs = {e["envVar"]: (s["secretName"], e["secretKey"]) for s in spec["secretAsEnv"] for e in s["keyToEnv"]}
-        assert envs["MLFLOW_TRACKING_USERNAME"] == ("tuneloop-mlflow-auth", "username"), name
-        assert envs["MLFLOW_TRACKING_PASSWORD"] == ("tuneloop-mlflow-auth", "password"), name
+        # the pipeline's own MLflow user, not the admin
+        assert envs["MLFLOW_TRACKING_USERNAME"] == ("tuneloop-mlflow-users", "pipeline-username"), name
+        assert envs["MLFLOW_TRACKING_PASSWORD"] == ("tuneloop-mlflow-users", "pipeline-password"), name
         if feedback_secret:
             assert envs[cfg.deploy.feedback_store_env] == (feedback_secret, "database-url"), name
 

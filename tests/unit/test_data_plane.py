@@ -78,13 +78,13 @@ def test_mixed_encodings(tmp_path: Path) -> None:
     assert set(q) == {3, 4} and all("invalid UTF-8" in r["reason"] for r in q.values())
     assert "caf" in q[3]["record"]
     assert [r["id"] for r in _read(out / "sft.jsonl")] == ["bom", "u8", "u16"]
-    utf16 = tmp_path / "utf16.jsonl"
+    utf16 = tmp_path / "utf16.jsonl"  # a byte-order mark says what the file is
     utf16.write_bytes(json.dumps({"prompt": "utf-16 file", "response": "x"}).encode("utf-16"))
-    recs = list(readers.read_records(str(utf16)))
-    assert recs and all(r.data is None and "UTF-8" in r.problem for r in recs)
+    (rec,) = readers.read_records(str(utf16))
+    assert rec.data == {"prompt": "utf-16 file", "response": "x"}
     latin_csv = tmp_path / "latin.csv"
     latin_csv.write_bytes("prompt,response\nfine row,billing\ncaf\u00e9,billing\n".encode("latin-1"))
-    with pytest.raises(readers.SourceError, match=r"latin\.csv: not UTF-8 \(line 3"):
+    with pytest.raises(readers.SourceError, match=r"latin\.csv line 3 is not utf-8; "):
         list(readers.read_records(str(latin_csv)))
 
 
@@ -174,6 +174,48 @@ def test_csv_problems(tmp_path: Path) -> None:
     (tmp_path / "long.csv").write_bytes(b"prompt,response\n" + b"x" * (readers.MAX_LINE_BYTES + 5) + b",y\n")
     with pytest.raises(readers.SourceError, match=r"long\.csv: line 2 is longer than"):
         list(readers.read_records(str(tmp_path / "long.csv")))
+
+
+# -- normalization -------------------------------------------------------------------------------
+def test_text_is_normalized_before_the_checks_and_counted(tmp_path: Path) -> None:
+    from tuneloop.config.data import NormalizeConfig
+
+    src = _jsonl(tmp_path / "n.jsonl", [
+        {"id": "h", "prompt": "I didn&#039;t get my refund &amp; nobody called", "response": "billing &gt; refunds"},
+        {"id": "nfc", "prompt": "Cafe\u0301 order", "response": "ok"},  # e + combining acute accent
+        {"id": "ctl", "prompt": "Tab\tand\x00null\x1bescape\x85nel", "response": "ok\r\nthen"},
+        {"id": "m", "messages": [{"role": "user", "content": "Tom &amp; Jerry?"},
+                                 {"role": "assistant", "content": "&quot;cartoon&quot;"}]},
+        {"id": "e", "prompt": "&nbsp;", "response": "x"},  # nothing left once normalized
+        {"id": "d1", "prompt": "Fish & chips?", "response": "yes"},
+        {"id": "d2", "prompt": "Fish &amp; chips?", "response": "yes"},  # the same once normalized
+    ])
+    (tmp_path / "m.csv").write_text('id,messages\nc1,"[{""role"": ""user"", ""content"": ""5 &lt; 6?""}, '
+                                    '{""role"": ""assistant"", ""content"": ""yes""}]"\n')
+    sources = [DataSource(path=str(src)), DataSource(path=str(tmp_path / "m.csv"))]
+    rep, out = _ingest(tmp_path, sources)
+    sft = {r["id"]: r for r in _read(out / "sft.jsonl")}
+    assert sft["h"]["user_text"] == "I didn't get my refund & nobody called"
+    assert sft["h"]["response"] == "billing > refunds"
+    assert sft["nfc"]["user_text"] == "Caf\u00e9 order"
+    assert sft["ctl"]["user_text"] == "Tab\tandnullescapenel" and sft["ctl"]["response"] == "ok\r\nthen"
+    assert [t["content"] for t in sft["m"]["turns"]] == ["Tom & Jerry?"] and sft["m"]["response"] == '"cartoon"'
+    assert sft["c1"]["user_text"] == "5 < 6?"  # the JSON of the messages field is parsed first
+    reasons = {r["record"]["id"]: r["reason"] for r in _read(out / "quarantine.jsonl")}
+    assert reasons == {"e": "field `prompt` is empty or whitespace", "d2": "exact duplicate of d1"}
+    assert _read(out / "quarantine.jsonl")[1]["record"]["prompt"] == "Fish &amp; chips?"  # quarantine: as read
+    norm = rep["normalize"]
+    assert norm["steps"] == ["html_entities", "unicode_nfc", "control_chars"]
+    assert norm["texts_changed"] == {"html_entities": 7, "unicode_nfc": 1, "control_chars": 1}
+    assert norm["per_source"] == {"n.jsonl": {"html_entities": 6, "unicode_nfc": 1, "control_chars": 1},
+                                  "m.csv": {"html_entities": 1}}
+    off = NormalizeConfig(html_entities=False, unicode_nfc=False, control_chars=False)
+    rep, out = _ingest(tmp_path / "off", sources, normalize=off)
+    from tuneloop.jsonl import read_jsonl  # a raw U+0085 stays in the text: str.splitlines would split there
+
+    sft = {r["id"]: r for r in read_jsonl(out / "sft.jsonl")}
+    assert sft["h"]["user_text"] == "I didn&#039;t get my refund &amp; nobody called" and "d2" in sft
+    assert sft["nfc"]["user_text"] == "Cafe\u0301 order" and rep["normalize"]["texts_changed"] == {}
 
 
 # -- classification, PII, near-duplicates --------------------------------------------------------
@@ -480,6 +522,15 @@ def test_validation_suite_on_ingested_data(tmp_path: Path, tiny_model_dir: Path)
     failed = {(c["table"], c["column"]) for c in rep["failed"]}
     assert ("sft", "pii_residue") in failed and ("sft", "slice") in failed and not rep["passed"]
     assert "too few: general_qa" in next(c["observed"] for c in rep["failed"] if c["column"] == "slice")
+    why = {c["column"]: c for c in rep["failed"]}  # every failure in words, with the records and the key
+    assert why["pii_residue"]["config_key"] == "data.pii.entities"
+    assert why["pii_residue"]["message"].startswith("1 of ")
+    assert "(e.g. leaky (2 PII findings))" in why["pii_residue"]["message"]
+    assert why["slice"]["config_key"] == "data.min_slice_records"
+    assert why["slice"]["message"] == ("evaluated slices with fewer training records than data.min_slice_records "
+                                       "(20): general_qa (13); add records for them to data.sources or lower "
+                                       "data.min_slice_records")
+    assert "- **sft**: " + why["slice"]["message"] in (tmp_path / "v2" / "report.md").read_text()
     assert "**FAIL**" in (tmp_path / "v2" / "report.md").read_text()
 
 

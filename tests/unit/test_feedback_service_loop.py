@@ -44,7 +44,10 @@ def _serve(app, port: int) -> tuple[uvicorn.Server, threading.Thread]:  # noqa: 
     return server, t
 
 
-def test_a_slow_feedback_write_does_not_stop_healthz(tmp_path):
+def test_a_slow_feedback_write_does_not_stop_healthz(tmp_path, monkeypatch):
+    from authkit import make_guard
+
+    guard, headers = make_guard(monkeypatch, {"app": "feedback"})
     store = HeldStore(tmp_path / "fb.db")
     store.log_request(request_id="r1", user_id="u", model_version="1", variant="champion", slice="", prompt="p",
                       output="o", status="ok", latency_ms=1.0)
@@ -53,12 +56,13 @@ def test_a_slow_feedback_write_does_not_stop_healthz(tmp_path):
     store.hold.clear()
     store.entered.clear()
     port = free_port()
-    server, thread = _serve(create_feedback_service(store), port)
+    server, thread = _serve(create_feedback_service(store, guard), port)
     base = f"http://127.0.0.1:{port}"
     answers: dict[str, int] = {}
     try:
         poster = threading.Thread(target=lambda: answers.update(
-            feedback=httpx.post(f"{base}/v1/feedback", json={"request_id": "r1", "thumbs": "up"}, timeout=60)
+            feedback=httpx.post(f"{base}/v1/feedback", json={"request_id": "r1", "thumbs": "up"}, headers=headers["app"],
+                                timeout=60)
             .status_code))
         poster.start()
         assert store.entered.wait(30), "the feedback request never reached the store"

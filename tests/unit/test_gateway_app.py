@@ -1,4 +1,5 @@
-"""The serving gateway's HTTP surface, in process (FastAPI TestClient) over the tiny model."""
+"""The serving gateway's HTTP surface, in process (FastAPI TestClient) over the tiny model, with the
+gateway's own local token (no keys configured: it makes one in <state_dir>/auth/token)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from conftest import tiny_config
 
 from tuneloop.config import load_config
 from tuneloop.deploy.gateway import MAX_NEW_TOKENS, Gateway, create_app
+from tuneloop.feedback.auth import local_token
 from tuneloop.feedback.service import MAX_BODY_BYTES
 
 pytestmark = pytest.mark.unit
@@ -34,7 +36,7 @@ def gw(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Gatewa
 def client(gw: Gateway) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
-    with TestClient(create_app(gw)) as c:
+    with TestClient(create_app(gw), headers={"Authorization": f"Bearer {local_token(gw.cfg.state_path)}"}) as c:
         yield c
 
 
@@ -109,10 +111,13 @@ def test_feedback_is_recorded(client: Any, gw: Gateway) -> None:
     assert len(rows) == 1
     assert rows[0]["score"] == 0.0 and rows[0]["correction"] == "billing"
     assert rows[0]["prompt"] == "My card was charged twice" and rows[0]["slice"] == "ticket_routing"
-    assert client.post("/v1/feedback", json={"request_id": rid, "rating": 5}).status_code == 200
-    assert {x["request_id"]: x for x in gw.store.requests()}[rid]["score"] == pytest.approx(0.5)
+    assert rows[0]["trusted"] is True and rows[0]["key"] == "local"  # the local key has the `trusted` scope
+    # one feedback item per request: a second one is refused, whatever it says
+    r = client.post("/v1/feedback", json={"request_id": rid, "rating": 5})
+    assert r.status_code == 409 and "already has its feedback" in error_message(r)
+    assert {x["request_id"]: x for x in gw.store.requests()}[rid]["score"] == 0.0
     # the feedback histogram is labelled by the version that answered
-    assert metric(client, "tuneloop_feedback_score_count", version="base", variant="champion") == before + 2
+    assert metric(client, "tuneloop_feedback_score_count", version="base", variant="champion") == before + 1
 
 
 @pytest.mark.parametrize("body,needle", [
@@ -161,7 +166,8 @@ def test_oversized_body_is_413(client: Any) -> None:
     ({"messages": "hello"}, "`messages` must be a non-empty list"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "`messages[0]`"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "user"}]}, "`messages[1]`"),
-    ({"messages": [{"role": "user", "content": ["hi"]}]}, "`messages[0]`"),
+    ({"messages": [{"role": "user", "content": ["hi"]}]}, "`messages[0].content[0]`"),
+    ({"messages": [{"role": "user", "content": {"text": "hi"}}]}, "`messages[0]`"),
     ({"messages": ["hi"]}, "`messages[0]`"),
     ([{"role": "user", "content": "hi"}], "JSON object"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_NEW_TOKENS + 1}, "`max_tokens`"),
@@ -239,3 +245,19 @@ def test_fault_injection_fails_only_the_chosen_variant_and_clears(client: Any, g
     assert ok.status_code == 200
     assert client.post("/admin/faults", json={"variant": "nope", "error_rate": 1}).status_code == 400
     assert client.post("/admin/faults", json={"variant": "canary", "error_rate": 2}).status_code == 400
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"variant": "champion", "added_latency_ms": NaN}',
+    b'{"variant": "champion", "added_latency_ms": Infinity}',
+    b'{"variant": "champion", "added_latency_ms": 1e400}',
+    b'{"variant": "champion", "added_latency_ms": 1e12}',
+    b'{"variant": "champion", "error_rate": NaN}',
+    b'{"variant": "champion", "error_rate": "0.5"}',
+    b'{"variant": "champion", "error_rate": true}',
+])
+def test_fault_injection_refuses_non_finite_and_huge_values(client: Any, gw: Gateway, raw: bytes) -> None:
+    """NaN compares false with every bound, so `not 0 <= NaN` let it through; 1e12 ms slept for 31 years."""
+    r = client.post("/admin/faults", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "champion" not in gw.faults

@@ -373,7 +373,8 @@ def test_ingest_adds_feedback(corpus: dict[str, Path], formatter: ChatFormatter,
     store.add_feedback("r3", score=0.0, correction="Paris")
     rows = store.rows()
     rep = ingest(_cfg(corpus), formatter, tmp_path / "o", feedback_rows=rows)
-    assert rep["feedback"] == {"rows": 3, "sft": 2, "preference": 3, "no_pair_empty_output": 0}
+    assert rep["feedback"] == {"rows": 3, "sft": 2, "preference": 3, "no_pair_empty_output": 0,
+                               "corrections_trusted": 2, "corrections_untrusted": 0}
     assert rep["read"] == rep["accepted"] + rep["quarantined"]
     sft = [r for r in _read(tmp_path / "o" / "sft.jsonl") if r["source"] == "feedback-store"]
     assert [(r["id"], r["user_text"], r["response"]) for r in sft] == [

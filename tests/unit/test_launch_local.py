@@ -44,7 +44,9 @@ def test_one_relaunch_after_a_crash_then_the_crash_is_reported(tmp_path, tiny_mo
     from tuneloop.config import load_config
 
     cfg = load_config(tiny_config(tmp_path, tiny_model_dir))
-    spec = type("Spec", (), {"stage": "dpo"})()
+    from tuneloop.train.spec import JobSpec
+
+    spec = JobSpec(stage="dpo", base_model_dir=str(tiny_model_dir), data_path="d.jsonl", output_dir=str(tmp_path))
     calls: list[int] = []
 
     def crashes_first(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -74,3 +76,50 @@ def test_one_relaunch_after_a_crash_then_the_crash_is_reported(tmp_path, tiny_mo
     with pytest.raises(local.TrainingFailed):
         L.launch(cfg, spec)
     assert len(calls) == 1, "an error of ours is not retried"
+
+
+KILLED = """\
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+======================================================
+tuneloop.train.sft FAILED
+------------------------------------------------------
+Failures:
+  <NO_OTHER_FAILURES>
+------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-28_05:12:01
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 7731)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 7731""".splitlines()
+
+
+def test_a_rank_killed_by_the_kernel_is_reported_as_out_of_memory_and_not_retried(tmp_path, tiny_model_dir,
+                                                                                  monkeypatch):
+    from conftest import tiny_config
+
+    from tuneloop.config import load_config
+
+    assert local.killed_rank(KILLED) == 1
+    assert local.killed_rank(ABORTED) is None
+    cfg = load_config(tiny_config(tmp_path, tiny_model_dir))
+    spec = L.build_spec(cfg, "sft", tiny_model_dir, tmp_path / "d.jsonl", tmp_path / "out", pipeline_run="r1")
+    calls: list[int] = []
+
+    def killed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        raise local.OutOfMemory(f"sft: rank 1 was killed by the kernel (SIGKILL), likely out of memory; "
+                                f"{local.oom_advice(spec)}")
+
+    monkeypatch.setattr(L, "launch_local", killed)
+    with pytest.raises(local.OutOfMemory, match="likely out of memory; estimated peak .* GiB per process"):
+        L.launch(cfg, spec, "r1")
+    with pytest.raises(local.OutOfMemory, match="not retried: an earlier attempt .* same training settings"):
+        L.launch(cfg, spec, "r1")  # the task's retry: refused before anything starts
+    assert len(calls) == 1
+    smaller = L.build_spec(load_config(tiny_config(tmp_path, tiny_model_dir, train__sft__per_device_batch_size=1)),
+                           "sft", tiny_model_dir, tmp_path / "d.jsonl", tmp_path / "out", pipeline_run="r1")
+    with pytest.raises(local.OutOfMemory, match="likely out of memory"):  # other settings: tried again
+        L.launch(cfg, smaller, "r1")
+    assert len(calls) == 2

@@ -51,26 +51,31 @@ def test_monitor_fires_on_a_falling_feedback_trend_and_writes_metrics(tmp_path, 
     assert prom == prometheus_text(report)
 
 
-def test_feedback_service_pairs_kserve_events_and_takes_feedback(tmp_path):
-    from tuneloop.feedback.store import FeedbackStore
+def test_feedback_service_pairs_kserve_events_and_takes_feedback(tmp_path, monkeypatch):
+    from authkit import make_guard
+
     from tuneloop.feedback.service import create_feedback_service
+    from tuneloop.feedback.store import FeedbackStore
 
     store = FeedbackStore(tmp_path / "fb.db")
-    c = TestClient(create_feedback_service(store))
+    guard, h = make_guard(monkeypatch, {"kserve": "events", "app": "feedback"})
+    c = TestClient(create_feedback_service(store, guard))
     assert c.get("/healthz").json() == {"status": "ok"}
-    h = {"ce-id": "ev-1", "ce-inferenceservicename": "tuneloop-demo"}
+    ev = {"ce-id": "ev-1", "ce-inferenceservicename": "tuneloop-demo", **h["kserve"]}
     r = c.post("/v1/kserve-events", json={"messages": [{"role": "user", "content": "where is my parcel"}]},
-               headers={**h, "ce-type": "org.kubeflow.serving.inference.request"})
+               headers={**ev, "ce-type": "org.kubeflow.serving.inference.request"})
     assert r.json() == {"status": "pending"}
     r = c.post("/v1/kserve-events", json={"choices": [{"message": {"content": "shipping"}}]},
-               headers={**h, "ce-type": "org.kubeflow.serving.inference.response"})
+               headers={**ev, "ce-type": "org.kubeflow.serving.inference.response"})
     assert r.json() == {"status": "recorded"}
-    assert c.post("/v1/feedback", json={"request_id": "ev-1", "thumbs": "up"}).status_code == 200
+    assert c.post("/v1/feedback", json={"request_id": "ev-1", "thumbs": "up"}, headers=h["app"]).status_code == 200
     rows = store.rows()
     assert rows[0]["prompt"] == "where is my parcel" and rows[0]["output"] == "shipping" and rows[0]["score"] == 1.0
-    assert c.post("/v1/kserve-events", json={}, headers={"ce-type": "x.request"}).status_code == 400
-    assert c.post("/v1/kserve-events", json={}, headers={"ce-id": "nope", "ce-type": "x.response"}).status_code == 404
-    assert c.post("/v1/feedback", json={"request_id": "missing", "score": 0.5}).status_code == 404
+    assert c.post("/v1/kserve-events", json={}, headers={"ce-type": "x.request", **h["kserve"]}).status_code == 400
+    # a response whose request has not come (yet, or to another replica) waits for it in the database
+    r = c.post("/v1/kserve-events", json={}, headers={"ce-id": "nope", "ce-type": "x.response", **h["kserve"]})
+    assert r.json() == {"status": "pending"}
+    assert c.post("/v1/feedback", json={"request_id": "missing", "score": 0.5}, headers=h["app"]).status_code == 404
 
 
 def test_store_scrubs_pii_before_storing(tmp_path):
@@ -120,13 +125,15 @@ def test_logging_never_waits_for_the_writer_and_readers_see_its_batch(tmp_path):
     assert {r["request_id"] for r in store.requests()} == {"first", "second"}
 
 
-def test_the_queue_is_written_when_the_server_stops(tmp_path):
+def test_the_queue_is_written_when_the_server_stops(tmp_path, monkeypatch):
+    from authkit import make_guard
+
     from tuneloop.feedback.store import FeedbackStore
     from tuneloop.feedback.service import create_feedback_service
 
     store = FeedbackStore(tmp_path / "fb.db")
     store.FLUSH_EVERY_S = 3600  # the writer would not get to it: only the shutdown flush can
-    with TestClient(create_feedback_service(store)):
+    with TestClient(create_feedback_service(store, make_guard(monkeypatch, {"k": "feedback"})[0])):
         store.log_request(request_id="last", user_id="u", model_version="1", variant="champion", slice="",
                           prompt="p", output="o", status="ok", latency_ms=1.0)
         assert store.backlog == 1

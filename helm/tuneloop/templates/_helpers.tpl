@@ -35,11 +35,67 @@ app.kubernetes.io/name: {{ include "tuneloop.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/*
+ServiceAccount of one component. Argument: (dict "ctx" $ "component" "mlflow"); components are the keys
+of .Values.serviceAccounts. Name: serviceAccounts.<component>.name, else <fullname>-<suffix>.
+*/}}
 {{- define "tuneloop.serviceAccountName" -}}
-{{- if .Values.serviceAccount.create -}}
-{{- default (include "tuneloop.fullname" .) .Values.serviceAccount.name -}}
+{{- $v := .ctx.Values -}}
+{{- $sa := get $v.serviceAccounts .component -}}
+{{- $suffix := get (dict "mlflow" "mlflow" "feedback" "feedback" "monitor" "monitor" "pipeline" "pipeline" "training" "training" "upload" "pipeline-upload" "mlflowUsers" "mlflow-users") .component -}}
+{{- if $sa.create -}}
+{{- default (printf "%s-%s" (include "tuneloop.fullname" .ctx | trunc (int (sub 62 (len $suffix))) | trimSuffix "-") $suffix) $sa.name -}}
 {{- else -}}
-{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- required (printf "serviceAccounts.%s.name is required when serviceAccounts.%s.create is false" .component .component) $sa.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The upload Job's ServiceAccount: pipeline.jobServiceAccountName (multi-user Kubeflow), else its own */}}
+{{- define "tuneloop.uploadServiceAccountName" -}}
+{{- default (include "tuneloop.serviceAccountName" (dict "ctx" . "component" "upload")) .Values.pipeline.jobServiceAccountName -}}
+{{- end -}}
+
+{{/* The KServe predictor's ServiceAccount (the cluster's, with storage credentials) */}}
+{{- define "tuneloop.servingServiceAccountName" -}}
+{{- default "tuneloop-serving" (dig "deploy" "kserve" "service_account" "" .Values.runConfig) -}}
+{{- end -}}
+
+{{/* The namespace of the InferenceService and its predictor pods (runConfig kubernetes.namespace) */}}
+{{- define "tuneloop.servingNamespace" -}}
+{{- default .Release.Namespace (dig "kubernetes" "namespace" "" .Values.runConfig) -}}
+{{- end -}}
+
+{{/* Pod labels of the chart's Jobs (and the monitor's): no Istio sidecar, which would outlive the container */}}
+{{- define "tuneloop.jobPodLabels" -}}
+{{- if and .Values.mesh.istio.enabled .Values.mesh.istio.jobsWithoutSidecar }}
+sidecar.istio.io/inject: "false"
+{{- end }}
+{{- end -}}
+
+{{/* The Pod Security Standard labels of the release namespace */}}
+{{- define "tuneloop.podSecurityLabels" -}}
+{{- $ps := .Values.namespace.podSecurity -}}
+{{- range $mode := list "enforce" "audit" "warn" }}
+pod-security.kubernetes.io/{{ $mode }}: {{ get $ps $mode }}
+pod-security.kubernetes.io/{{ $mode }}-version: {{ $ps.version }}
+{{- end }}
+{{- end -}}
+
+{{/*
+MLflow credentials of one client, as (secret, usernameKey, passwordKey): its own user's keys when
+mlflow.auth.users.enabled, else the admin's. Argument: (dict "ctx" $ "user" "monitor").
+*/}}
+{{- define "tuneloop.mlflowCredentials" -}}
+{{- $a := .ctx.Values.mlflow.auth -}}
+{{- if $a.users.enabled -}}
+{{- $u := get $a.users .user -}}
+secret: {{ $a.users.existingSecret }}
+usernameKey: {{ $u.usernameKey }}
+passwordKey: {{ $u.passwordKey }}
+{{- else -}}
+secret: {{ $a.existingSecret }}
+usernameKey: {{ $a.usernameKey }}
+passwordKey: {{ $a.passwordKey }}
 {{- end -}}
 {{- end -}}
 
@@ -84,8 +140,9 @@ The run config as stored in the ConfigMap, wired to this release where runConfig
 - registry.tracking_uri: the chart's MLflow;
 - kubernetes.state_pvc: stateVolume.existingClaim (mounted at state_dir in every pipeline task
   and training pod);
-- kubernetes.secrets: the MLflow credentials (basic auth) and the feedback database URL, as env
-  of every pipeline task and training pod;
+- kubernetes.secrets: the MLflow credentials (basic auth: the pipeline user's, or the admin's when
+  mlflow.auth.users is off) and the feedback database URL, as env of every pipeline task and training pod;
+- train.cluster.service_account: serviceAccounts.training (training pods: no API rights);
 - deploy.feedback_store_env: that env var, when the feedback store is Postgres;
 - kubernetes.pod_labels: the chart's selector labels (the NetworkPolicies select training and serving
   pods by them); train.cluster.runtime: the chart's hardened TrainingRuntime;
@@ -109,11 +166,12 @@ The run config as stored in the ConfigMap, wired to this release where runConfig
 {{- $names := list -}}
 {{- range $secrets }}{{ $names = append $names .name }}{{ end -}}
 {{- if and $v.mlflow.enabled $v.mlflow.auth.enabled -}}
+{{- $cred := include "tuneloop.mlflowCredentials" (dict "ctx" . "user" "pipeline") | fromYaml -}}
 {{- if not (has "MLFLOW_TRACKING_USERNAME" $names) -}}
-{{- $secrets = append $secrets (dict "name" "MLFLOW_TRACKING_USERNAME" "secret" $v.mlflow.auth.existingSecret "key" $v.mlflow.auth.usernameKey) -}}
+{{- $secrets = append $secrets (dict "name" "MLFLOW_TRACKING_USERNAME" "secret" $cred.secret "key" $cred.usernameKey) -}}
 {{- end -}}
 {{- if not (has "MLFLOW_TRACKING_PASSWORD" $names) -}}
-{{- $secrets = append $secrets (dict "name" "MLFLOW_TRACKING_PASSWORD" "secret" $v.mlflow.auth.existingSecret "key" $v.mlflow.auth.passwordKey) -}}
+{{- $secrets = append $secrets (dict "name" "MLFLOW_TRACKING_PASSWORD" "secret" $cred.secret "key" $cred.passwordKey) -}}
 {{- end -}}
 {{- end -}}
 {{- $deploy := default dict (get $cfg "deploy") -}}
@@ -132,16 +190,17 @@ The run config as stored in the ConfigMap, wired to this release where runConfig
 {{- $_ := set $k8s "namespace" .Release.Namespace -}}
 {{- end -}}
 {{- $_ := set $cfg "kubernetes" $k8s -}}
-{{- if $v.training.runtime.enabled -}}
 {{- $train := default dict (get $cfg "train") -}}
 {{- $cluster := default dict (get $train "cluster") -}}
-{{- if not (hasKey $cluster "runtime") -}}
+{{- if and $v.training.runtime.enabled (not (hasKey $cluster "runtime")) -}}
 {{- $_ := set $cluster "runtime" $v.training.runtime.name -}}
 {{- $_ := set $cluster "runtime_kind" "TrainingRuntime" -}}
 {{- end -}}
+{{- if not (hasKey $cluster "service_account") -}}
+{{- $_ := set $cluster "service_account" (include "tuneloop.serviceAccountName" (dict "ctx" . "component" "training")) -}}
+{{- end -}}
 {{- $_ := set $train "cluster" $cluster -}}
 {{- $_ := set $cfg "train" $train -}}
-{{- end -}}
 {{- if eq (get $deploy "backend") "kserve" -}}
 {{- $ks := default dict (get $deploy "kserve") -}}
 {{- if and $v.feedback.enabled (not (get $ks "feedback_url")) -}}
@@ -161,22 +220,28 @@ The run config as stored in the ConfigMap, wired to this release where runConfig
 {{- toYaml $cfg -}}
 {{- end -}}
 
-{{/* Environment of every container that talks to MLflow: the server URL and, with basic auth, the credentials */}}
+{{/*
+Environment of every container that talks to MLflow: the server URL and, with basic auth, the
+credentials of that client's own MLflow user (the admin's when mlflow.auth.users is off).
+Argument: (dict "ctx" $ "user" "monitor" | "training").
+*/}}
 {{- define "tuneloop.mlflowClientEnv" -}}
-{{- if .Values.mlflow.enabled }}
+{{- $v := .ctx.Values -}}
+{{- if $v.mlflow.enabled }}
 - name: MLFLOW_TRACKING_URI
-  value: {{ include "tuneloop.mlflowUrl" . | quote }}
-{{- if .Values.mlflow.auth.enabled }}
+  value: {{ include "tuneloop.mlflowUrl" .ctx | quote }}
+{{- if $v.mlflow.auth.enabled }}
+{{- $cred := include "tuneloop.mlflowCredentials" . | fromYaml }}
 - name: MLFLOW_TRACKING_USERNAME
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.mlflow.auth.existingSecret }}
-      key: {{ .Values.mlflow.auth.usernameKey }}
+      name: {{ $cred.secret }}
+      key: {{ $cred.usernameKey }}
 - name: MLFLOW_TRACKING_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.mlflow.auth.existingSecret }}
-      key: {{ .Values.mlflow.auth.passwordKey }}
+      name: {{ $cred.secret }}
+      key: {{ $cred.passwordKey }}
 {{- end }}
 {{- end }}
 - name: MLFLOW_DISABLE_TELEMETRY
@@ -204,11 +269,11 @@ checkov.io/skip{{ $n }}: CKV_K8S_15=release tags are never rebuilt, so IfNotPres
 {{- end }}
 {{- if .secretsInEnv }}
 {{- $n = add1 $n }}
-checkov.io/skip{{ $n }}: CKV_K8S_35=mlflow server, boto3 and the feedback service (DATABASE_URL) read credentials from env only; they come from secretKeyRef
+checkov.io/skip{{ $n }}: CKV_K8S_35=MLflow's server and clients (MLFLOW_TRACKING_PASSWORD), boto3 and the feedback service (DATABASE_URL) read credentials from env only; they come from secretKeyRef
 {{- end }}
 {{- end -}}
 
-{{/* NetworkPolicy peers allowed to call the services */}}
+{{/* NetworkPolicy peers allowed to call MLflow */}}
 {{- define "tuneloop.clientPeers" -}}
 - podSelector: {}
 {{- range .Values.networkPolicy.clientNamespaces }}
@@ -274,5 +339,55 @@ Called from every template that depends on them (the result is empty).
 {{- end -}}
 {{- if and $v.training.runtime.enabled (lt (int $v.training.gpusPerNode) 1) -}}
 {{- fail "training.gpusPerNode must be at least 1 when training.runtime.enabled is true" -}}
+{{- end -}}
+{{- $users := $v.mlflow.auth.users -}}
+{{- if and $v.mlflow.enabled $v.mlflow.auth.enabled $users.enabled (not $users.existingSecret) -}}
+{{- fail "mlflow.auth.users.enabled is true but mlflow.auth.users.existingSecret is empty: create a Secret with each component's MLflow username and password (README \"Per-component accounts\") and name it there" -}}
+{{- end -}}
+{{- if and $strict $v.mlflow.enabled $v.mlflow.auth.enabled (not $users.enabled) -}}
+{{- fail (printf "environment %s: mlflow.auth.users.enabled must be true (the pipeline, the monitor and the training pods get their own MLflow users; the admin account is for people)" $v.environment) -}}
+{{- end -}}
+{{- if and $v.mlflow.enabled $v.mlflow.auth.enabled $users.enabled (eq $users.existingSecret $v.mlflow.auth.existingSecret) -}}
+{{- fail "mlflow.auth.users.existingSecret must not be mlflow.auth.existingSecret: the clients' Secret would carry the admin password" -}}
+{{- end -}}
+{{- include "tuneloop.validateNamespace" . -}}
+{{- end -}}
+
+{{/* Guards of the namespace, Pod Security and mesh values */}}
+{{- define "tuneloop.validateNamespace" -}}
+{{- $v := .Values -}}
+{{- $ns := $v.namespace -}}
+{{- if and $ns.create (has .Release.Namespace (list "default" "kube-system" "kube-public" "kube-node-lease")) -}}
+{{- fail (printf "namespace.create: the release namespace %s is a system namespace; install into a namespace of its own" .Release.Namespace) -}}
+{{- end -}}
+{{- if and $ns.create (eq $v.pipeline.kfpNamespace .Release.Namespace) -}}
+{{- fail (printf "namespace.create: %s is the Kubeflow profile namespace (pipeline.kfpNamespace); the profile controller owns it and its labels - set namespace.create false and label it as README \"Pod Security\" shows" .Release.Namespace) -}}
+{{- end -}}
+{{- range $k, $_ := $ns.labels -}}
+{{- if hasPrefix "pod-security.kubernetes.io/" $k -}}
+{{- fail (printf "namespace.labels.%s: set the Pod Security levels in namespace.podSecurity, not as labels" $k) -}}
+{{- end -}}
+{{- end -}}
+{{- if eq $ns.podSecurity.enforce "restricted" -}}
+{{- $pod := $v.podSecurityContext -}}
+{{- $c := $v.containerSecurityContext -}}
+{{- $why := list -}}
+{{- if not (or (eq (toString $pod.runAsNonRoot) "true") (eq (toString $c.runAsNonRoot) "true")) -}}{{- $why = append $why "runAsNonRoot must be true" -}}{{- end -}}
+{{- if or (eq (toString $pod.runAsUser) "0") (eq (toString $c.runAsUser) "0") -}}{{- $why = append $why "runAsUser must not be 0" -}}{{- end -}}
+{{- $seccomp := default (dig "seccompProfile" "type" "" $pod) (dig "seccompProfile" "type" "" $c) -}}
+{{- if not (has $seccomp (list "RuntimeDefault" "Localhost")) -}}{{- $why = append $why "seccompProfile.type must be RuntimeDefault or Localhost" -}}{{- end -}}
+{{- if ne (toString $c.allowPrivilegeEscalation) "false" -}}{{- $why = append $why "containerSecurityContext.allowPrivilegeEscalation must be false" -}}{{- end -}}
+{{- if eq (toString $c.privileged) "true" -}}{{- $why = append $why "containerSecurityContext.privileged must not be true" -}}{{- end -}}
+{{- if not (has "ALL" (default list (dig "capabilities" "drop" (list) $c))) -}}{{- $why = append $why "containerSecurityContext.capabilities.drop must contain ALL" -}}{{- end -}}
+{{- range (default list (dig "capabilities" "add" (list) $c)) -}}{{- if ne . "NET_BIND_SERVICE" -}}{{- $why = append $why (printf "capability %s may not be added" .) -}}{{- end -}}{{- end -}}
+{{- if $why -}}
+{{- fail (printf "namespace.podSecurity.enforce is restricted but podSecurityContext/containerSecurityContext would be rejected: %s" (join "; " $why)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $v.mesh.istio.enabled (eq $ns.podSecurity.enforce "restricted") (not $v.mesh.istio.cni) -}}
+{{- fail "mesh.istio.enabled with namespace.podSecurity.enforce restricted needs mesh.istio.cni true: an injected istio-init container (NET_ADMIN, NET_RAW) cannot pass the restricted profile; use the Istio CNI plugin or ambient mode" -}}
+{{- end -}}
+{{- if and $v.mesh.istio.enabled $v.feedback.enabled (ne (dig "deploy" "backend" "local" $v.runConfig) "kserve") -}}
+{{- fail "mesh.istio.enabled: the feedback service's AuthorizationPolicy admits KServe's payload logger by the serving ServiceAccount; runConfig.deploy.backend must be kserve" -}}
 {{- end -}}
 {{- end -}}

@@ -1,4 +1,4 @@
-"""Commands that run services and production checks: serve, monitor, feedback-service."""
+"""Commands that run services and production checks: serve, monitor, feedback-service, api-key."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tuneloop.cli.shared import ConfigArg, StateDir, TrackingUri, app, console, load
+from tuneloop.cli.shared import ConfigArg, StateDir, TrackingUri, app, console, fail_line, load
 from tuneloop.cli.summary import fmt
 
 
@@ -78,19 +78,52 @@ def feedback_service(
                                               "path locally).")],
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="Port.")] = 8080,
-    config: Annotated[Path | None, typer.Option(help="Run config whose data.pii settings scrub what is stored; "
-                                                     "default: the default PII settings.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Run config whose data.pii settings scrub what is stored and "
+                                                     "whose deploy.auth / deploy.limits apply; default: the defaults "
+                                                     "(keys in $TUNELOOP_API_KEYS, the user-id HMAC key in "
+                                                     "$TUNELOOP_USER_ID_SECRET).")] = None,
 ) -> None:
-    """The cluster's feedback service: KServe payload-logger events in, user feedback in, PII-scrubbed."""
+    """The cluster's feedback service: KServe payload-logger events in, user feedback in, PII-scrubbed.
+
+    Refuses to start without API keys or without the user-id secret (unless deploy.auth.enabled is
+    false, for development only).
+    """
     import uvicorn
 
     from tuneloop.config import PiiConfig
+    from tuneloop.config.deploy import AuthConfig, LimitsConfig
     from tuneloop.data.pii import PiiScrubber
-    from tuneloop.feedback.store import FeedbackStore
+    from tuneloop.feedback.auth import AuthNotConfigured, Guard
     from tuneloop.feedback.service import create_feedback_service
+    from tuneloop.feedback.store import FeedbackStore
 
-    pii = load(config).data.pii if config else PiiConfig()
+    cfg = load(config) if config else None
+    pii = cfg.data.pii if cfg else PiiConfig()
+    auth, limits = (cfg.deploy.auth, cfg.deploy.limits) if cfg else (AuthConfig(), LimitsConfig())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        guard = Guard.from_config(auth, limits)
+    except (AuthNotConfigured, ValueError) as e:
+        fail_line(f"feedback-service: {e}", 2)
     store = FeedbackStore(database_url, scrubber=PiiScrubber(pii) if pii.enabled else None)
-    uvicorn.run(create_feedback_service(store), host=host, port=port, log_level="warning")
+    uvicorn.run(create_feedback_service(store, guard, limits.pending_halves_max_bytes, limits.pending_halves_max_age_s),
+                host=host, port=port, log_level="warning")
 
 
+@app.command("api-key")
+def api_key(
+    name: Annotated[str, typer.Argument(help="The key's name (letters, digits, - and _): logged with what it sends.")],
+    scopes: Annotated[str, typer.Option(help="Comma-separated: chat, feedback, events, admin, trusted.")] = "feedback",
+) -> None:
+    """Make an API key: prints the token (hand it to the client; it is not kept anywhere) and the line for
+    the key file or the TUNELOOP_API_KEYS Secret, which holds only the token's sha256."""
+    from tuneloop.feedback.auth import SCOPES, key_line, new_token
+
+    wanted = [s for s in scopes.split(",") if s]
+    if not name.replace("-", "").replace("_", "").isalnum():
+        fail_line(f"api-key: name {name!r}: use letters, digits, - and _ only", 2)
+    if not wanted or set(wanted) - set(SCOPES):
+        fail_line(f"api-key: --scopes {scopes!r}: use some of {', '.join(SCOPES)}", 2)
+    token = new_token()
+    typer.echo(f"token: {token}")
+    typer.echo(f"key line: {key_line(name, wanted, token)}")

@@ -78,10 +78,21 @@ def ingest(
                                                  "0 turns it off.")] = 0.85,
     max_prompt_chars: Annotated[int, typer.Option(help="Longer prompts are quarantined.")] = 4000,
     max_response_chars: Annotated[int, typer.Option(help="Longer responses are quarantined.")] = 4000,
+    encoding: Annotated[str, typer.Option(
+        help="Text encoding of the JSONL/CSV inputs: a Python codec name (utf-8, cp1252, latin-1, utf-16, ...) or "
+             "auto (detected per file from its first 64 KiB). A byte-order mark is honoured. With utf-8 a CSV "
+             "that is not UTF-8 is refused, naming the line and the encoding it looks like; with any other value "
+             "rows that cannot be decoded are quarantined.")] = "utf-8",
+    max_length: Annotated[int | None, typer.Option(
+        help="Needs --tokenizer: training records longer than this many tokens (chat-formatted prompt + answer, "
+             "as train.sft.max_length / train.dpo.max_length count them) are handled by --long-records.")] = None,
+    long_records: Annotated[str | None, typer.Option(
+        help="With --max-length: quarantine (default) or truncate_prompt (cut the prompt from the left, keep the "
+             "whole answer; a record whose answer alone does not fit is quarantined).")] = None,
 ) -> None:
     """Check, scrub and deduplicate record files on their own (no config, no MLflow).
 
-    Exit 0 when the data was processed, even with quarantined records; 1 with a one-line error when an input cannot be read at all (missing file, unknown or broken format)."""
+    Exit 0 when the data was processed, even with quarantined records; 1 with a one-line error when an input cannot be read at all (missing file, unknown or broken format, not in --encoding)."""
     from tuneloop.data.ingest import ingest_paths
     from tuneloop.data.readers import SourceError
 
@@ -93,6 +104,18 @@ def ingest(
         fail_line("--kind classification needs --template, e.g. 'Route this ticket: {text}'", 2)
     if not 0 <= near_dup <= 1:
         fail_line(f"--near-dup {near_dup}: a Jaccard threshold between 0 and 1", 2)
+    from tuneloop.config.data import encoding_problem
+
+    if encoding_problem(encoding):
+        fail_line(f"--encoding {encoding}: {encoding_problem(encoding)}", 2)
+    if long_records not in (None, "quarantine", "truncate_prompt"):
+        fail_line(f"--long-records {long_records!r}: use quarantine or truncate_prompt", 2)
+    if max_length is not None and tokenizer is None:
+        fail_line("--max-length needs --tokenizer: tokens are counted with the model's tokenizer", 2)
+    if long_records is not None and max_length is None:
+        fail_line("--long-records needs --max-length (and --tokenizer)", 2)
+    if max_length is not None and max_length <= 8:
+        fail_line(f"--max-length {max_length}: more than 8 tokens", 2)
     formatter = None
     if tokenizer is not None:
         formatter = _formatter(tokenizer)
@@ -106,7 +129,8 @@ def ingest(
         report = ingest_paths(paths, out, eval_paths=eval_ or [], kind=kind, template=template,
                               label_field=label_field, slice_=slice_, fmt=fmt, formatter=formatter, pii=pii,
                               near_threshold=near_dup, max_prompt_chars=max_prompt_chars,
-                              max_response_chars=max_response_chars)
+                              max_response_chars=max_response_chars, encoding=encoding, max_length=max_length,
+                              long_records=long_records or "quarantine")
     except SourceError as e:
         fail_line(str(e).splitlines()[0])
     except ValueError as e:  # a template that is not usable
@@ -114,8 +138,10 @@ def ingest(
     except OSError as e:
         fail_line(f"{out}: {e.strerror or e}")
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(report["per_reason"].items(), key=lambda kv: -kv[1]))
+    cut = report["long_records"]["truncated"]
     typer.echo(f"read {report['read']}, accepted {report['accepted']}, quarantined {report['quarantined']}"
-               + (f" ({reasons})" if reasons else "") + f" -> {out}")
+               + (f" ({reasons})" if reasons else "") + (f"; {cut} prompts cut to --max-length" if cut else "")
+               + f" -> {out}")
 
 
 def _formatter(tokenizer_dir: Path):

@@ -28,7 +28,8 @@ def print_summary(s: dict[str, Any], cfg: Any) -> None:
         console.print(f"data gate: {'PASSED' if v['passed'] else 'FAILED'} "
                       f"({len(v['checks']) - len(v['failed'])}/{len(v['checks'])} checks)")
         for c in v["failed"]:
-            console.print(f"  FAIL {c['table']} {c['expectation']} {c['column']}: {c['observed']}")
+            what = c.get("message") or f"{c['table']} {c['expectation']} {c['column']}: {c['observed']}"
+            console.print(f"  FAIL {what}" + (f" [config: {c['config_key']}]" if c.get("config_key") else ""))
     if s.get("gate"):
         g = s["gate"]
         gt = Table(title=f"evaluation gate: {'PASSED' if g['passed'] else 'FAILED'} (reference: {g['reference']})")

@@ -55,6 +55,78 @@ class KServeConfig(_Strict):
                                                         "tolerations (the namespace is `kubernetes.namespace`).")
 
 
+class AuthConfig(_Strict):
+    """Who may call the gateway and the feedback service. Keys are bearer tokens; only their sha256 is
+    kept (in a file or an environment variable that a Kubernetes Secret fills), never in this config."""
+
+    enabled: bool = Field(
+        True, description="false (dev only; refused with the kserve backend): every endpoint is open to anyone, "
+                          "admin included, and the services say so loudly at start. Keep true.")
+    keys_file: str | None = Field(
+        None, description="Absolute path of the API-key file (a mounted Secret): one key a line, `NAME SCOPES "
+                          "sha256:HEX` (scopes comma-separated: chat, feedback, events, admin, trusted); "
+                          "`tuneloop api-key` makes one. Re-read when it changes.")
+    keys_env: str | None = Field(
+        "TUNELOOP_API_KEYS", description="Environment variable (from a Secret) holding keys in the same format "
+                                         "(lines or `;`-separated). With neither keys_file nor this set, the local "
+                                         "gateway makes its own token in <state_dir>/auth/ and the feedback "
+                                         "service refuses to start.")
+    user_id_secret_env: str = Field(
+        "TUNELOOP_USER_ID_SECRET", description="Environment variable (from a Secret, >= 32 characters) with the "
+                                               "HMAC key under which user ids are stored; unset, the local gateway "
+                                               "keeps a generated one in <state_dir>/auth/ and the feedback service "
+                                               "refuses to start.")
+    trust_corrections: Literal["all", "trusted_keys", "reviewed"] = Field(
+        "trusted_keys", description="Which corrections become training data: all; those sent with a key that has "
+                                    "the `trusted` scope; or only those an admin reviewed (POST "
+                                    "/admin/corrections/review). The others are stored, flagged untrusted, and "
+                                    "ingest leaves them out.")
+
+    @model_validator(mode="after")
+    def _absolute(self) -> AuthConfig:
+        if self.keys_file is not None and not self.keys_file.startswith("/"):
+            raise ValueError("keys_file: give an absolute path (the mounted Secret), not a relative one")
+        return self
+
+
+class RateLimit(_Strict):
+    per_minute: float | None = Field(None, gt=0, description="Sustained rate (token-bucket refill); null: no limit.")
+    burst: int = Field(20, ge=1, description="Bucket size: how many may come at once before the rate applies.")
+
+
+class FeedbackPerUserLimit(RateLimit):
+    per_minute: float | None = Field(12.0, gt=0, description="Sustained rate (token-bucket refill); null: no limit.")
+    burst: int = Field(10, ge=1, description="Bucket size: how many may come at once before the rate applies.")
+
+
+class FeedbackPerKeyLimit(RateLimit):
+    per_minute: float | None = Field(3000.0, gt=0, description="Sustained rate (token-bucket refill); null: no limit.")
+    burst: int = Field(300, ge=1, description="Bucket size: how many may come at once before the rate applies.")
+
+
+class LimitsConfig(_Strict):
+    """Bounds on what one request or one client can make the services hold or do (per process)."""
+
+    max_body_bytes: int = Field(
+        256 * 1024, ge=1024, le=64 * 1024 * 1024,
+        description="Largest request body; refused with 413 as soon as it is exceeded (Content-Length first).")
+    max_prompt_tokens: int = Field(
+        1024, gt=0, description="Largest prompt (chat template included) the gateway generates for; longer: 400.")
+    feedback_per_user: FeedbackPerUserLimit = Field(
+        default_factory=FeedbackPerUserLimit, description="POST /v1/feedback per user (the user the rated request "
+                                                          "was served to); over it: 429 with Retry-After.")
+    feedback_per_key: FeedbackPerKeyLimit = Field(
+        default_factory=FeedbackPerKeyLimit, description="POST /v1/feedback per API key; over it: 429.")
+    chat_per_user: RateLimit = Field(default_factory=RateLimit, description="Gateway chat requests per user.")
+    chat_per_key: RateLimit = Field(default_factory=RateLimit, description="Gateway chat requests per API key.")
+    pending_halves_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Feedback service: KServe request/response halves waiting for their "
+                                               "other half, in bytes, across replicas; the oldest go first.")
+    pending_halves_max_age_s: float = Field(
+        600.0, gt=0, description="Feedback service: a half whose other half has not come after this long is "
+                                 "dropped (counted on /metrics).")
+
+
 class DeployConfig(_Strict):
     backend: Literal["local", "kserve"] = Field(
         "local", description="local: the `tuneloop serve` gateway; kserve: a KServe InferenceService (vLLM) "
@@ -65,6 +137,17 @@ class DeployConfig(_Strict):
                           "store, e.g. Postgres on a cluster; null: sqlite in state_dir.")
     gateway_url: str = Field("http://127.0.0.1:8710", description="Where the local gateway listens.")
     canary: CanaryConfig = Field(default_factory=CanaryConfig, description="Canary rollout and automatic analysis.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys of the gateway and the feedback "
+                                                                     "service; user-id hashing; trust in corrections.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Body, prompt and rate limits of the "
+                                                                           "gateway and the feedback service.")
+
+    @model_validator(mode="after")
+    def _auth_on_clusters(self) -> DeployConfig:
+        if self.backend == "kserve" and not self.auth.enabled:
+            raise ValueError("deploy.auth.enabled: false is for local development only; the kserve backend's "
+                             "feedback service must authenticate its writers")
+        return self
 
 
 class MonitorConfig(_Strict):

@@ -10,25 +10,37 @@ def feedback_to_training(rows: list[dict[str, Any]], stats: dict[str, int] | Non
                          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Feedback rows -> (sft records, preference pairs) in ingest's raw schemas.
 
-    A correction makes an SFT record and, against the model's answer, a preference pair.
-    Of two answers to the same prompt, the higher-scored one is `chosen`. An empty model
-    answer makes no pair (there is no text to prefer against; the correction's SFT record
-    still teaches the answer); `stats["no_pair_empty_output"]` counts those.
+    A trusted correction makes an SFT record and, against the model's answer, a preference pair.
+    A correction whose row says `trusted: False` (sent with a key that is not trusted, or not yet
+    reviewed, under `deploy.auth.trust_corrections`) makes neither: it stays in the store for
+    review. Rows without the flag (records built by hand, not read from the store) count as
+    trusted. Of two answers to the same prompt, the higher-scored one is `chosen`. An empty model
+    answer makes no pair (there is no text to prefer against; the correction's SFT record still
+    teaches the answer).
+
+    `stats` gets: `no_pair_empty_output`; `corrections_trusted` and `corrections_untrusted` (rows
+    with a non-empty correction, by flag; the untrusted ones are left out).
     """
     stats = stats if stats is not None else {}
-    stats.setdefault("no_pair_empty_output", 0)
+    for k in ("no_pair_empty_output", "corrections_trusted", "corrections_untrusted"):
+        stats.setdefault(k, 0)
     sft: list[dict[str, Any]] = []
     pairs: list[dict[str, Any]] = []
     for r in rows:
         meta = {"slice": r["slice"] or "feedback", "model_version": r["model_version"]}
         corr = (r.get("correction") or "").strip()
-        if corr:
-            sft.append({"id": f"fb-{r['request_id']}-sft", "prompt": r["prompt"], "response": corr, **meta})
-            if not r["output"].strip():
-                stats["no_pair_empty_output"] += 1
-            elif corr != r["output"].strip():
-                pairs.append({"id": f"fb-{r['request_id']}-corr", "prompt": r["prompt"], "chosen": corr,
-                              "rejected": r["output"], **meta})
+        if not corr:
+            continue
+        if not r.get("trusted", True):
+            stats["corrections_untrusted"] += 1
+            continue
+        stats["corrections_trusted"] += 1
+        sft.append({"id": f"fb-{r['request_id']}-sft", "prompt": r["prompt"], "response": corr, **meta})
+        if not r["output"].strip():
+            stats["no_pair_empty_output"] += 1
+        elif corr != r["output"].strip():
+            pairs.append({"id": f"fb-{r['request_id']}-corr", "prompt": r["prompt"], "chosen": corr,
+                          "rejected": r["output"], **meta})
     by_prompt: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("score") is not None:

@@ -6,7 +6,9 @@ Output folder (the `dataset` artifact of the pipeline):
     eval.jsonl         {id, slice, source, prompt, completion, user_text, response, turns}
     eval_preference.jsonl  held-out preference pairs (data.eval sources of kind preference)
     quarantine.jsonl   {source, row, reason, record} - every record not accepted, with its reason
-    report.json        counts (read = accepted + quarantined, per reason/slice/source), content hash
+    report.json        counts (read = accepted + quarantined, per reason/slice/source), content hash;
+                       encodings (files not read as plain UTF-8), normalize (texts changed per step and
+                       source), long_records (policy, limits, truncated/quarantined per source, ids)
 
 `prompt`/`completion`/`chosen`/`rejected` are rendered with the base model's chat template
 (see formatting.py); `user_text`/`response` keep the plain text for evaluation and reports,
@@ -14,13 +16,17 @@ Output folder (the `dataset` artifact of the pipeline):
 it is replayed into a later run). Without a formatter (`tuneloop ingest` with no tokenizer)
 the rendered fields are left out.
 
-Per record, in this order: parse and check the schema (sft: messages or prompt/response;
-classification: `template` filled from the record's fields, the label as the answer;
-preference: prompt/chosen/rejected), scrub PII from every text (pii.py: Presidio behind a
-pre-filter; quarantined records are scrubbed too, since the quarantine is logged), exact
-dedup on the normalized content, id check, eval leak (exact prompt, then near-duplicate
-prompt), near-duplicate of an earlier record of the same kind (dedup.py), render, write.
-A record that fails a step is quarantined with the reason; read = accepted + quarantined.
+Per record, in this order: read and decode (readers.py: the source's `encoding`), parse and
+check the schema (sft: messages or prompt/response; classification: `template` filled from
+the record's fields, the label as the answer; preference: prompt/chosen/rejected), with every
+text field normalized first (normalize.py: HTML entities, NFC, control characters; counted per
+source), scrub PII from every text (pii.py: Presidio behind a pre-filter; quarantined records
+are scrubbed too, since the quarantine is logged), exact dedup on the normalized content, id
+check, eval leak (exact prompt, then near-duplicate prompt), near-duplicate of an earlier
+record of the same kind (dedup.py), length (training records longer than train.sft.max_length /
+train.dpo.max_length tokens: quarantined, or with `data.long_records: truncate_prompt` their
+prompt cut from the left), render, write. A record that fails a step is quarantined with the
+reason; read = accepted + quarantined.
 
 After the new SFT records, a share of the champion's training records is replayed
 (replay.py) through the same steps, so replayed records are scrubbed, deduplicated against
@@ -34,16 +40,19 @@ import hashlib
 import json
 import logging
 import re
+import reprlib
+import string
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneloop.config import DataConfig, DataSource, template_fields
+from tuneloop.config import DataConfig, DataSource, TrainConfig, template_fields
 from tuneloop.data.formatting import ChatFormatter
+from tuneloop.data.normalize import Normalizer
 from tuneloop.data.pii import PiiScrubber
-from tuneloop.data.readers import RawRecord, read_records
+from tuneloop.data.readers import MAX_DEPTH, RawRecord, read_records, too_deep
 
 log = logging.getLogger("tuneloop.ingest")
 
@@ -59,12 +68,13 @@ def normalize_text(s: str) -> str:
     return _WS.sub(" ", s.strip().lower())
 
 
-def _text(rec: dict[str, Any], key: str, limit: int) -> str:
+def _text(rec: dict[str, Any], key: str, limit: int, clean: Callable[[str], str]) -> str:
     if key not in rec or rec[key] is None:
         raise Rejected(f"missing field `{key}`")
     v = rec[key]
     if not isinstance(v, str):
         raise Rejected(f"field `{key}` must be a string, got {type(v).__name__}")
+    v = clean(v)
     if not v.strip():
         raise Rejected(f"field `{key}` is empty or whitespace")
     if len(v) > limit:
@@ -72,20 +82,24 @@ def _text(rec: dict[str, Any], key: str, limit: int) -> str:
     return v.strip()
 
 
-def _messages(rec: dict[str, Any], limit: int) -> tuple[list[dict[str, str]], str]:
+def _messages(rec: dict[str, Any], limit: int, clean: Callable[[str], str]) -> tuple[list[dict[str, str]], str]:
     msgs = rec["messages"]
     if isinstance(msgs, str):  # CSV/Parquet carry nested data as JSON text
         try:
             msgs = json.loads(msgs)
         except json.JSONDecodeError:
             raise Rejected("field `messages` is not a JSON list") from None
+        except RecursionError:
+            raise Rejected(f"field `messages` is nested too deeply (more than {MAX_DEPTH} levels)") from None
+        if too_deep(msgs):
+            raise Rejected(f"field `messages` is nested too deeply (more than {MAX_DEPTH} levels)")
     if not isinstance(msgs, list) or len(msgs) < 2:
         raise Rejected("field `messages` must be a list of at least two turns")
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise Rejected(f"field `messages[{i}].role` must be one of {sorted(ROLES)}")
-        out.append({"role": m["role"], "content": _text(m, "content", limit)})
+        out.append({"role": m["role"], "content": _text(m, "content", limit, clean)})
     if out[-1]["role"] != "assistant":
         raise Rejected("field `messages`: the last turn must be the assistant's answer")
     return out[:-1], out[-1]["content"]
@@ -116,6 +130,36 @@ def _reason_key(reason: str) -> str:
     return re.sub(r"\s*\(.*\)$|: .*$| at .*$", "", reason)
 
 
+@dataclass(frozen=True)
+class LengthPolicy:
+    """What ingest does with training records longer than the training max_length: `policy` quarantine or
+    truncate_prompt; `max_length` per record kind (sft, preference); `keys`: how messages name each limit
+    and the policy (config keys for a pipeline run, flags for `tuneloop ingest`)."""
+
+    policy: str
+    max_length: dict[str, int]
+    keys: dict[str, str]
+
+    @classmethod
+    def from_config(cls, data: DataConfig, train: TrainConfig) -> LengthPolicy:
+        limits = {k: s.max_length for k, s in (("sft", train.sft), ("preference", train.dpo)) if s.enabled}
+        return cls(data.long_records, limits, {"sft": "train.sft.max_length", "preference": "train.dpo.max_length",
+                                               "policy": "data.long_records"})
+
+    def too_long(self, kind: str, tokens: int) -> str:
+        key, limit = self.keys[kind], self.max_length[kind]
+        if self.keys["policy"].startswith("--"):
+            return (f"too long for training: {tokens} tokens > {key} {limit} (raise {key}, or rerun with "
+                    f"{self.keys['policy']} truncate_prompt to cut the prompt)")
+        return (f"too long for training: {tokens} tokens > {key} {limit} (raise {key}, or set "
+                f"{self.keys['policy']}: truncate_prompt to cut the prompt)")
+
+    def answer_too_long(self, kind: str, tokens: int) -> str:
+        key, limit = self.keys[kind], self.max_length[kind]
+        return (f"too long for training even with its prompt cut: the answer with the least prompt takes "
+                f"{tokens} tokens > {key} {limit} (raise {key})")
+
+
 class _Writer:
     def __init__(self, out: Path, name: str) -> None:
         self.f = open(out / name, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -133,10 +177,19 @@ class _Writer:
 
 class Ingestor:
     def __init__(self, cfg: DataConfig, formatter: ChatFormatter | None, out: Path,
-                 scrubber: PiiScrubber | None = None) -> None:
+                 scrubber: PiiScrubber | None = None, lengths: LengthPolicy | None = None,
+                 source_key: Callable[[DataSource], str] | None = None) -> None:
+        """`lengths`: the length policy (needs a formatter to count tokens); `source_key`: how messages name
+        a source's settings (default: its place in cfg, data.sources[0])."""
         self.cfg, self.fmt, self.out = cfg, formatter, out
         out.mkdir(parents=True, exist_ok=True)
         self.pii = scrubber or PiiScrubber(cfg.pii)
+        self.norm = Normalizer(cfg.normalize)
+        self.lengths = lengths if formatter is not None else None
+        self.long: dict[str, Counter] = {"truncated": Counter(), "quarantined": Counter()}  # per source
+        self.long_examples: dict[str, list[str]] = {"truncated": [], "quarantined": []}
+        self.encodings: dict[str, str] = {}  # file -> encoding, where not plain UTF-8
+        self.source_key = source_key or self._config_key
         self.near: dict[str, Any] = {}  # record group -> NearDupIndex (built on first use)
         self.counts = {"sft": Counts(), "preference": Counts(), "eval": Counts(), "eval_preference": Counts()}
         self.quarantine = _Writer(out, "quarantine.jsonl")
@@ -151,9 +204,22 @@ class Ingestor:
         c.reasons[_reason_key(reason)] += 1
         original = record if record is not None else raw.data if raw.data is not None else raw.raw_text
         self.pii.discard()  # what parsing scrubbed is not written; the quarantined record is
+        try:
+            scrubbed = self.pii.scrub_value(original)
+        except RecursionError:  # nested too deeply to copy: a bounded repr of it
+            self.pii.discard()
+            scrubbed = self.pii.scrub(reprlib.repr(original))
         self.quarantine.write({"kind": kind, "source": raw.source, "row": raw.row, "reason": reason,
-                               "record": self.pii.scrub_value(original)})
+                               "record": scrubbed})
         self.pii.commit("quarantined")
+
+    def _config_key(self, src: DataSource) -> str:
+        """data.sources[i] / data.eval[i]: where `src` is in the config (messages name its settings)."""
+        for name in ("sources", "eval"):
+            for i, s in enumerate(getattr(self.cfg, name)):
+                if s is src:
+                    return f"data.{name}[{i}]"
+        return ""
 
     def _id(self, rec: dict[str, Any], raw: RawRecord, content: str) -> str:
         rid = rec.get("id")
@@ -173,26 +239,27 @@ class Ingestor:
         return s
 
     def _sft(self, rec: dict[str, Any], raw: RawRecord, src: DataSource) -> dict[str, Any]:
-        limit_p, limit_r = self.cfg.max_prompt_chars, self.cfg.max_response_chars
+        limit_p, limit_r, clean = self.cfg.max_prompt_chars, self.cfg.max_response_chars, self.norm.clean
+        body = None
         if src.kind == "classification":
-            user_text, response = _classification(rec, src, limit_p)
+            user_text, response, body = _classification(rec, src, limit_p, clean)
             turns = [{"role": "user", "content": user_text}]
         elif "messages" in rec:
-            turns, response = _messages(rec, max(limit_p, limit_r))
+            turns, response = _messages(rec, max(limit_p, limit_r), clean)
             user_text = next((t["content"] for t in reversed(turns) if t["role"] == "user"), "")
         else:
-            user_text = _text(rec, "prompt", limit_p)
-            response = _text(rec, "response", limit_r)
+            user_text = _text(rec, "prompt", limit_p, clean)
+            response = _text(rec, "response", limit_r, clean)
             turns = [{"role": "user", "content": user_text}]
         turns = [{**t, "content": self.pii.scrub(t["content"])} for t in turns]
         user_text = next((t["content"] for t in reversed(turns) if t["role"] == "user"), "")
         return {"slice": self._slice(rec, src), "source": raw.source, "user_text": user_text,
-                "response": self.pii.scrub(response), "turns": turns}
+                "response": self.pii.scrub(response), "turns": turns, "_body": body}
 
     def _pref(self, rec: dict[str, Any], raw: RawRecord, src: DataSource) -> dict[str, Any]:
-        lim = self.cfg.max_response_chars
-        user_text = _text(rec, "prompt", self.cfg.max_prompt_chars)
-        chosen, rejected = _text(rec, "chosen", lim), _text(rec, "rejected", lim)
+        lim, clean = self.cfg.max_response_chars, self.norm.clean
+        user_text = _text(rec, "prompt", self.cfg.max_prompt_chars, clean)
+        chosen, rejected = _text(rec, "chosen", lim, clean), _text(rec, "rejected", lim, clean)
         if chosen == rejected:  # case or punctuation differences are real preferences (formatting)
             raise Rejected("fields `chosen` and `rejected` are the same answer")
         chosen, rejected = self.pii.scrub(chosen), self.pii.scrub(rejected)
@@ -200,6 +267,43 @@ class Ingestor:
             raise Rejected("fields `chosen` and `rejected` are the same answer once PII is replaced")
         return {"slice": self._slice(rec, src), "source": raw.source, "user_text": self.pii.scrub(user_text),
                 "chosen": chosen, "rejected": rejected}
+
+    def _fit(self, kind: str, rid: str, source: str, r: dict[str, Any], body: tuple[str, str] | None
+             ) -> dict[str, Any]:
+        """The length policy: a training record longer than its max_length is quarantined (Rejected) or,
+        with truncate_prompt, gets its prompt cut from the left (the answer stays whole): a new dict."""
+        lp = self.lengths
+        if lp is None or self.fmt is None or kind not in lp.max_length:
+            return r
+        pref = "chosen" in r
+        turns = [{"role": "user", "content": r["user_text"]}] if pref else r["turns"]
+        answers = [self.fmt.completion(r[a]) for a in (("chosen", "rejected") if pref else ("response",))]
+        fit = self.fmt.fit(turns, answers, lp.max_length[kind], body, cut=lp.policy == "truncate_prompt")
+        if fit.turns is None:
+            self._long("quarantined", rid, source)
+            raise Rejected(lp.too_long(kind, fit.tokens or 0) if lp.policy == "quarantine" else
+                           lp.answer_too_long(kind, fit.fitted_tokens or 0))
+        if not fit.cut:
+            return r
+        user_text = next((t["content"] for t in reversed(fit.turns) if t["role"] == "user"), "")
+        return {**r, "user_text": user_text} if pref else {**r, "user_text": user_text, "turns": fit.turns}
+
+    def _long(self, what: str, rid: str, source: str) -> None:
+        self.long[what][_source_name(source)] += 1
+        if len(self.long_examples[what]) < 5:
+            self.long_examples[what].append(rid)
+
+    def long_report(self) -> dict[str, Any]:
+        lp = self.lengths
+        rep: dict[str, Any] = {"policy": lp.policy if lp else self.cfg.long_records,
+                               "max_length": dict(lp.max_length) if lp else {},
+                               **{k: sum(c.values()) for k, c in self.long.items()},
+                               "per_source": {s: {k: self.long[k][s] for k in self.long}
+                                              for s in sorted(set().union(*self.long.values()))},
+                               "examples": self.long_examples}
+        if lp is None:
+            rep["note"] = "token lengths not checked (no tokenizer or no training config)"
+        return rep
 
     def _render(self, r: dict[str, Any]) -> dict[str, Any]:
         """Chat-template fields (with a formatter); turns and plain texts stay for later stages."""
@@ -252,8 +356,10 @@ class Ingestor:
         if raw.data is None:
             self._reject(kind, raw, raw.problem or "unreadable")
             return
+        self.norm.source = _source_name(raw.source)
         try:
             r = self._pref(raw.data, raw, src) if kind.endswith("preference") else self._sft(raw.data, raw, src)
+            body = r.pop("_body", None)
             key = self._content_key(kind, r)
             short = bytes.fromhex(key[:32])  # 128 bits: ~50 bytes a record instead of ~110
             if short in self.seen:  # before the id: an id-less duplicate gets the same content id
@@ -262,8 +368,20 @@ class Ingestor:
             if not kind.startswith("eval") and normalize_text(r["user_text"]) in self.eval_prompts:
                 raise Rejected(f"eval leak: prompt is held-out eval record {self.eval_prompts[normalize_text(r['user_text'])]}")
             index = self._near_dup(kind, r)
+            fitted = self._fit(kind, rid, raw.source, r, body)
+            if fitted is not r:  # a cut prompt can make two records the same: dedup what is trained
+                key = self._content_key(kind, fitted)
+                if bytes.fromhex(key[:32]) in self.seen:
+                    raise Rejected(f"exact duplicate of {self.seen[bytes.fromhex(key[:32])]} once its prompt was "
+                                   "cut to fit")
+                self.seen[bytes.fromhex(key[:32])] = rid
+                self._long("truncated", rid, raw.source)
+                r = fitted
         except Rejected as e:
             self._reject(kind, raw, str(e))
+            return
+        except RecursionError:  # a structure nested too deeply for the steps above (readers bound JSONL)
+            self._reject(kind, raw, f"record nested too deeply (more than {MAX_DEPTH} levels)")
             return
         if index is not None:
             self.near[index[0]].add(rid, index[1])
@@ -277,10 +395,21 @@ class Ingestor:
         c.sources[_source_name(raw.source)] += 1
         writer.write({"id": rid, **self._render(r)})
 
-    def add_all(self, kind: str, sources: Iterable[DataSource], writer: _Writer) -> None:
+    def add_all(self, kind: str, sources: Iterable[DataSource], writer: Any, kinds: str | None = None) -> None:
+        """Every record of `sources` as `kind`; kinds auto (`tuneloop ingest`): a record with chosen or
+        rejected is a preference pair (writer then maps a kind to its writer)."""
         for src in sources:
-            for raw in read_records(src.path, src.format, src.storage_options):
-                self.add(kind, raw, src, writer)
+            for raw in read_records(src.path, src.format, src.storage_options, src.encoding, self.source_key(src),
+                                    self.encodings):
+                k = kind
+                if kinds == "auto" and raw.data is not None and ("chosen" in raw.data or "rejected" in raw.data):
+                    k = "preference"
+                self.add(k, raw, src, writer[k] if isinstance(writer, dict) else writer)
+
+    def reports(self) -> dict[str, Any]:
+        """The per-step parts of the ingest report: decoding, normalization, length, PII, dedup."""
+        return {"encodings": dict(self.encodings), "normalize": self.norm.report(), "long_records": self.long_report(),
+                "pii": self.pii.report(), "dedup": self.dedup_report()}
 
     def dedup_report(self) -> dict[str, Any]:
         reasons = sum((c.reasons for c in self.counts.values()), Counter())
@@ -295,10 +424,13 @@ def _source_name(source: str) -> str:
     return source if source.startswith("replay:") else Path(source.split("://", 1)[-1]).name
 
 
-def _classification(rec: dict[str, Any], src: DataSource, limit: int) -> tuple[str, str]:
-    """A text + label record -> (instruction from the source's template, label)."""
-    values = {name: _text(rec, name, limit) for name in template_fields(src.template or "")}
-    prompt = (src.template or "").format_map(values)
+def _classification(rec: dict[str, Any], src: DataSource, limit: int, clean: Callable[[str], str]
+                    ) -> tuple[str, str, tuple[str, str]]:
+    """A text + label record -> (instruction from the source's template, label, (prefix, suffix)): the
+    instruction around its longest field, which a length policy keeps while it cuts that field."""
+    template = src.template or ""
+    values = {name: _text(rec, name, limit, clean) for name in template_fields(template)}
+    prompt = template.format_map(values)
     if len(prompt) > limit:
         raise Rejected(f"field `{next(iter(values))}` is too long once put in the template "
                        f"({len(prompt)} > {limit} characters)")
@@ -307,18 +439,31 @@ def _classification(rec: dict[str, Any], src: DataSource, limit: int) -> tuple[s
         raise Rejected(f"missing field `{src.label_field}`")
     if isinstance(label, bool) or not isinstance(label, (str, int)):
         raise Rejected(f"field `{src.label_field}` must be a string or integer, got {type(label).__name__}")
-    label = str(label).strip()
+    label = clean(str(label)).strip()
     if not label:
         raise Rejected(f"field `{src.label_field}` is empty or whitespace")
-    return prompt, label
+    longest = max(values, key=lambda k: len(values[k]))
+    parts: list[list[str]] = [[], []]  # before and after the first {longest}
+    side = 0
+    for literal, name, _, _ in string.Formatter().parse(template):
+        parts[side].append(literal)
+        if name is not None:
+            if side == 0 and name == longest:
+                side = 1
+            else:
+                parts[side].append(values[name])
+    return prompt, label, ("".join(parts[0]), "".join(parts[1]))
 
 
 def ingest(cfg: DataConfig, formatter: ChatFormatter | None, out: Path,
-           feedback_rows: list[dict[str, Any]] | None = None, champion: Any = None) -> dict[str, Any]:
+           feedback_rows: list[dict[str, Any]] | None = None, champion: Any = None,
+           train: TrainConfig | None = None) -> dict[str, Any]:
     """Run ingest into `out`; returns the report (also written to out/report.json).
 
-    `champion` (replay.ChampionData or None) is the replay pool for `cfg.replay_share`."""
-    ing = Ingestor(cfg, formatter, out)
+    `champion` (replay.ChampionData or None) is the replay pool for `cfg.replay_share`. `train` (the run's
+    training section) gives the token limits of `cfg.long_records` (train.sft.max_length for SFT records,
+    train.dpo.max_length for preference pairs); they are applied when there is a formatter to count tokens."""
+    ing = Ingestor(cfg, formatter, out, lengths=LengthPolicy.from_config(cfg, train) if train else None)
     writers = {k: _Writer(out, f"{k}.jsonl") for k in ("eval", "eval_preference", "sft", "preference")}
     # Eval first: its prompts are what training data must not leak.
     ing.add_all("eval", [s for s in cfg.eval if s.kind != "preference"], writers["eval"])
@@ -344,7 +489,7 @@ def ingest(cfg: DataConfig, formatter: ChatFormatter | None, out: Path,
     totals = {k: sum(getattr(c, k) for c in ing.counts.values()) for k in ("read", "accepted", "quarantined")}
     report = {**totals, "per_reason": dict(sum((c.reasons for c in ing.counts.values()), Counter())),
               "by_kind": {k: c.as_dict() for k, c in ing.counts.items()},
-              "feedback": fb_counts, "replay": replay, "pii": ing.pii.report(), "dedup": ing.dedup_report(),
+              "feedback": fb_counts, "replay": replay, **ing.reports(),
               "file_sha256": hashes, "data_hash": data_hash}
     assert report["read"] == report["accepted"] + report["quarantined"], "ingest lost records"
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -421,10 +566,13 @@ def ingest_paths(paths: list[str], out: Path, *, eval_paths: list[str] | None = 
                  template: str | None = None, label_field: str = "label", slice_: str | None = None,
                  fmt: str = "auto", formatter: ChatFormatter | None = None, pii: bool = True,
                  near_threshold: float = 0.85, max_prompt_chars: int = 4000,
-                 max_response_chars: int = 4000) -> dict[str, Any]:
+                 max_response_chars: int = 4000, encoding: str = "utf-8", max_length: int | None = None,
+                 long_records: str = "quarantine") -> dict[str, Any]:
     """`tuneloop ingest`: files or folders -> out/accepted.jsonl, out/quarantine.jsonl, out/report.json
     (and out/eval.jsonl with eval_paths). kind auto: a record with `chosen`/`rejected` is a preference
-    pair, any other an SFT record; a template makes every record a classification record.
+    pair, any other an SFT record; a template makes every record a classification record. `max_length`
+    (tokens, counted with the formatter's tokenizer) and `long_records` are the length policy for every
+    training record; messages name the command's flags (--encoding, --max-length, --long-records).
     Raises SourceError before writing anything when a path cannot be read at all."""
     from tuneloop.config import DedupConfig, PiiConfig
     from tuneloop.data.readers import expand
@@ -435,23 +583,21 @@ def ingest_paths(paths: list[str], out: Path, *, eval_paths: list[str] | None = 
         expand(p, fmt)  # a missing file or unknown format fails here, before any output
     src_kind = kind if kind in ("sft", "preference", "classification") else "sft"
     sources = [DataSource(path=p, kind=src_kind, slice=slice_, format=fmt, template=template,
-                          label_field=label_field) for p in paths]
-    evals = [DataSource(path=p, slice=slice_, format=fmt) for p in eval_paths or []]
+                          label_field=label_field, encoding=encoding) for p in paths]
+    evals = [DataSource(path=p, slice=slice_, format=fmt, encoding=encoding) for p in eval_paths or []]
     cfg = DataConfig.model_construct(sources=sources, eval=evals, max_prompt_chars=max_prompt_chars,
                                      max_response_chars=max_response_chars, pii=PiiConfig(enabled=pii),
-                                     dedup=DedupConfig(near_threshold=near_threshold))
-    ing = Ingestor(cfg, formatter, out)
+                                     dedup=DedupConfig(near_threshold=near_threshold), long_records=long_records)
+    lengths = LengthPolicy(long_records, {"sft": max_length, "preference": max_length},
+                           {"sft": "--max-length", "preference": "--max-length", "policy": "--long-records"}) \
+        if max_length is not None else None
+    ing = Ingestor(cfg, formatter, out, lengths=lengths, source_key=lambda src: "--")
     accepted = _Writer(out, "accepted.jsonl")
     writers = {k: _KindWriter(accepted, k) for k in ("sft", "preference")}
     eval_writer = _Writer(out, "eval.jsonl") if evals else None
     if eval_writer is not None:
         ing.add_all("eval", evals, eval_writer)
-    for src in sources:
-        for raw in read_records(src.path, src.format):
-            k = src.kind if src.kind != "classification" else "sft"
-            if kind == "auto" and raw.data is not None and ("chosen" in raw.data or "rejected" in raw.data):
-                k = "preference"
-            ing.add(k, raw, src, writers[k])
+    ing.add_all("preference" if src_kind == "preference" else "sft", sources, writers, kinds=kind)
     hashes = {"accepted": accepted.close()}
     if eval_writer is not None:
         hashes["eval"] = eval_writer.close()
@@ -460,7 +606,7 @@ def ingest_paths(paths: list[str], out: Path, *, eval_paths: list[str] | None = 
     report = {**totals, "per_reason": dict(sum((c.reasons for c in ing.counts.values()), Counter())),
               "by_kind": {k: c.as_dict() for k, c in ing.counts.items() if c.read},
               "inputs": list(paths), "eval_inputs": list(eval_paths or []),
-              "chat_formatted": formatter is not None, "pii": ing.pii.report(), "dedup": ing.dedup_report(),
+              "chat_formatted": formatter is not None, **ing.reports(),
               "file_sha256": hashes, "data_hash": hashes["accepted"]}
     assert report["read"] == report["accepted"] + report["quarantined"], "ingest lost records"
     (out / "report.json").write_text(json.dumps(report, indent=2))

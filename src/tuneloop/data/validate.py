@@ -9,8 +9,11 @@ the training data, and the shares of input that had to be quarantined or were du
 GX validates a narrow frame derived from the JSONL files in chunks (ids, slices, lengths,
 token counts, content hashes, PII findings; the long texts are not kept), so a million
 records need about a hundred bytes each, not the records themselves. Output folder:
-    report.json  {passed, checks: [{table, expectation, column, passed, observed}], failed}
-    report.md    the same as a table a person reads first
+    report.json  {passed, checks: [{table, expectation, column, passed, observed, message, config_key}],
+                 failed}: `message` says in plain words what failed, for which records (a few ids, or
+                 file and row for quarantined ones) and what to change; `config_key` is the key that
+                 changes the outcome (empty where only the data can)
+    report.md    the failures in words, then every check as a table
 """
 
 from __future__ import annotations
@@ -91,13 +94,14 @@ def _frame(path: Path, table: str, tokenizer: Any, scrubber: Any, label_slices: 
             if col in df:
                 df[col] = df[col].astype("category")
         if tokenizer is not None:
+            from tuneloop.data.formatting import count_tokens
+
             df["prompt_chars"] = [len(r["prompt"]) if isinstance(r.get("prompt"), str) else None for r in rows]
             for a in answers:
                 col = "completion" if a == "response" else a
                 full = [(r.get("prompt") or "") + (r.get(col) or "") for r in rows]
                 # tokens of the whole training sequence (prompt + this answer): what max_length bounds
-                df[f"{col}_seq_tokens"] = [len(ids) for ids in
-                                           tokenizer(full, add_special_tokens=False)["input_ids"]]
+                df[f"{col}_seq_tokens"] = count_tokens(tokenizer, full)
         parts.append(df)
     if not parts:
         return pd.DataFrame()
@@ -190,25 +194,31 @@ def validate_dataset(cfg: RunConfig, dataset_dir: Path, tokenizer: Any, out: Pat
         df = _frame(dataset_dir / f"{table}.jsonl", table, tokenizer, scrubber, label_slices,
                     cfg.data.pii.residue_sample)
         if df.empty:
+            where = "data.eval" if table == "eval" else "data.sources"
             checks.append({"table": table, "expectation": "table_has_records", "column": "", "passed": False,
-                           "observed": "0 records"})
+                           "observed": "0 records",
+                           "message": f"no {WHAT[table]} were accepted: add some to {where} (quarantine.jsonl "
+                                      "says why the ones read were rejected)", "config_key": where})
             continue
         if table == "sft":
             sft_slices = df["slice"].value_counts().to_dict()
         suite = gx.ExpectationSuite(name=f"tuneloop-{table}")
         for e in expectations:
             suite.add_expectation(e)
-        result = batch_def.get_batch(batch_parameters={"dataframe": df}).validate(suite)
+        result = batch_def.get_batch(batch_parameters={"dataframe": df}).validate(suite, result_format=RESULT_FORMAT)
         for r in result.results:
             kw = r.expectation_config.kwargs
             cond = kw.get("row_condition")
             column = kw.get("column") or ",".join(kw.get("column_list") or [])
             if cond:
                 column += f" where {cond.get('pass_through_filter', cond) if isinstance(cond, dict) else cond}"
+            message, key = _explain(cfg, table, r.expectation_config.type, kw, r.result, bool(r.success))
             checks.append({"table": table, "expectation": r.expectation_config.type, "column": column,
-                           "passed": bool(r.success), "observed": _observed(r.result)})
+                           "passed": bool(r.success), "observed": _observed(r.result), "message": message,
+                           "config_key": key})
         del df
-    checks += _ingest_checks(cfg, json.loads((dataset_dir / "report.json").read_text()), sft_slices)
+    checks += _ingest_checks(cfg, json.loads((dataset_dir / "report.json").read_text()), sft_slices,
+                             dataset_dir / "quarantine.jsonl")
     report = {"passed": all(c["passed"] for c in checks), "checks": checks,
               "failed": [c for c in checks if not c["passed"]]}
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -218,7 +228,8 @@ def validate_dataset(cfg: RunConfig, dataset_dir: Path, tokenizer: Any, out: Pat
     return report
 
 
-def _ingest_checks(cfg: RunConfig, ing: dict[str, Any], sft_slices: dict[str, int]) -> list[dict[str, Any]]:
+def _ingest_checks(cfg: RunConfig, ing: dict[str, Any], sft_slices: dict[str, int],
+                   quarantine: Path | None = None) -> list[dict[str, Any]]:
     """Checks on ingest's counts: quarantine share, duplicate share (both of the new data: replayed
     records that were dropped, e.g. as already present, do not count), training slice coverage."""
     replay = ing.get("replay") or {}
@@ -226,27 +237,160 @@ def _ingest_checks(cfg: RunConfig, ing: dict[str, Any], sft_slices: dict[str, in
     read = max(ing["read"] - replay.get("read", 0), 1)
     quarantined = ing["quarantined"] - (replay.get("read", 0) - replay.get("accepted", 0))
     share = quarantined / read
-    checks = [{"table": "ingest", "expectation": "quarantined_share_at_most", "column": "",
-               "passed": share <= cfg.data.max_quarantine_share,
-               "observed": f"{share:.3f} (limit {cfg.data.max_quarantine_share})"}]
+    limit = cfg.data.max_quarantine_share
     reasons = {k: v - replay_reasons.get(k, 0) for k, v in ing.get("per_reason", {}).items()}
+    ok = share <= limit
+    message = ""
+    if not ok:
+        top = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]) if v > 0)
+        examples = _quarantined_examples(quarantine) if quarantine else []
+        message = (f"{quarantined} of the {read} records read ({share:.1%}) were quarantined, more than "
+                   f"data.max_quarantine_share ({limit:.1%}): {top or 'no reason recorded'}"
+                   + (f"; e.g. {'; '.join(examples)}" if examples else "")
+                   + ". Fix the data or the setting its reason names, or raise data.max_quarantine_share")
+    checks = [{"table": "ingest", "expectation": "quarantined_share_at_most", "column": "", "passed": ok,
+               "observed": f"{share:.3f} (limit {limit})", "message": message,
+               "config_key": "data.max_quarantine_share"}]
     exact, near = reasons.get("exact duplicate", 0), reasons.get("near duplicate", 0)
+    dup_share, dup_limit = (exact + near) / read, cfg.data.max_duplicate_share
     checks.append({"table": "ingest", "expectation": "duplicate_share_at_most", "column": "",
-                   "passed": (exact + near) / read <= cfg.data.max_duplicate_share,
-                   "observed": f"{(exact + near) / read:.3f} ({exact} exact, {near} near; "
-                               f"limit {cfg.data.max_duplicate_share})"})
+                   "passed": dup_share <= dup_limit,
+                   "observed": f"{dup_share:.3f} ({exact} exact, {near} near; limit {dup_limit})",
+                   "message": "" if dup_share <= dup_limit else
+                   f"{exact + near} of the {read} records read ({dup_share:.1%}) were duplicates ({exact} exact, "
+                   f"{near} near), more than data.max_duplicate_share ({dup_limit:.1%}): a sign of a broken export "
+                   "upstream (quarantine.jsonl names each one's original); raise data.max_duplicate_share, or "
+                   "data.dedup.near_threshold if near duplicates are distinct records",
+                   "config_key": "data.max_duplicate_share"})
     if cfg.train.sft.enabled:
         counts = {s: sft_slices.get(s, 0) for s in sorted(cfg.evaluate.slices)}
         low = [s for s, n in counts.items() if n < cfg.data.min_slice_records]
         checks.append({"table": "sft", "expectation": "slice_records_at_least", "column": "slice",
                        "passed": not low, "observed": ", ".join(f"{s} {n}" for s, n in counts.items())
-                       + f" (min {cfg.data.min_slice_records})" + (f"; too few: {', '.join(low)}" if low else "")})
+                       + f" (min {cfg.data.min_slice_records})" + (f"; too few: {', '.join(low)}" if low else ""),
+                       "message": "" if not low else
+                       f"evaluated slices with fewer training records than data.min_slice_records "
+                       f"({cfg.data.min_slice_records}): {', '.join(f'{s} ({counts[s]})' for s in low)}; add records "
+                       "for them to data.sources or lower data.min_slice_records",
+                       "config_key": "data.min_slice_records"})
     return checks
 
 
+def _quarantined_examples(path: Path, n: int = 3) -> list[str]:
+    """A few quarantined records of the new data, as `file row N (id x): reason`."""
+    out: list[str] = []
+    if not path.exists():
+        return out
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            q = json.loads(line)
+            if str(q.get("source", "")).startswith("replay:"):
+                continue
+            rec = q.get("record")
+            rid = rec.get("id") if isinstance(rec, dict) else None
+            name = Path(str(q.get("source", "")).split("://", 1)[-1]).name
+            out.append(f"{name} row {q.get('row')}" + (f" (id {rid})" if rid is not None else "")
+                       + f": {q.get('reason')}")
+            if len(out) == n:
+                break
+    return out
+
+
+WHAT = {"sft": "training records", "preference": "preference pairs", "eval": "eval records"}
+RESULT_FORMAT = {"result_format": "SUMMARY", "unexpected_index_column_names": ["id"], "partial_unexpected_count": 5}
+
+
+def _examples(result: dict[str, Any], column: str, unit: str = "") -> str:
+    """`r12 (284 tokens), r40 (288 tokens)`: ids of a few records that failed, with their value."""
+    rows = result.get("partial_unexpected_index_list") or []
+    parts = []
+    for row in rows[:5]:
+        if not isinstance(row, dict):
+            continue
+        value = row.get(column) if column in _SHOWN or column.endswith("_seq_tokens") else None
+        parts.append(f"{row.get('id')}" + (f" ({value}{unit})" if value is not None else ""))
+    return ", ".join(parts)
+
+
+_SHOWN = {"slice", "response", "roles", "pii_residue"}  # columns whose value helps (not hashes, not lengths)
+
+
+def _num(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _explain(cfg: RunConfig, table: str, expectation: str, kw: dict[str, Any], result: dict[str, Any],
+             passed: bool) -> tuple[str, str]:
+    """(what failed in plain words, for which records and what to change; the config key that changes it)."""
+    column = kw.get("column") or ""
+    what = WHAT[table]
+    stage = "dpo" if table == "preference" else "sft"
+    max_key = f"train.{stage}.max_length"
+    cond = kw.get("row_condition")
+    label_slice = str(cond).split('"')[1] if cond and '"' in str(cond) else None
+    keys = {"completion_seq_tokens": max_key, "chosen_seq_tokens": max_key, "rejected_seq_tokens": max_key,
+            "pii_residue": "data.pii.entities", "slice": "evaluate.slices", "prompt_chars": "base_model.path"}
+    key = keys.get(column, "data.eval" if table == "eval" else "data.sources")
+    if column == "response" and label_slice:
+        key = f"evaluate.slices.{label_slice}.labels"
+    if expectation == "expect_column_distinct_values_to_contain_set":
+        key = "data.eval"
+    if passed:
+        return "", key
+    n, total = result.get("unexpected_count"), result.get("element_count")
+    some = f"{n} of {total} {what}" if n is not None else what
+    eg = _examples(result, column, " tokens" if column.endswith("_seq_tokens") else
+                   " PII findings" if column == "pii_residue" else "")
+    eg = f" (e.g. {eg})" if eg else ""
+    if column.endswith("_seq_tokens"):
+        limit = _num(kw.get("max_value"))
+        values = [v for v in result.get("partial_unexpected_list") or [] if isinstance(v, (int, float))]
+        if any(v > limit for v in values):
+            return (f"{some} are longer than {max_key} ({limit} tokens, prompt + answer){eg}: raise {max_key}, or "
+                    f"ingest with the same tokenizer and data.long_records (quarantine or truncate_prompt) so "
+                    "they are handled before this gate", key)
+        return f"{some} have fewer than 2 tokens of prompt + answer{eg}: fix them in the source data", key
+    if column == "pii_residue":
+        return (f"{some} still contain PII after scrubbing{eg}: add the entity types to "
+                "data.pii.entities (or lower data.pii.score_threshold) and ingest again", key)
+    if column == "id":
+        return f"{some} share their id with another record{eg}: give every record its own id", key
+    if column == "content_key":
+        return f"{some} repeat the content of another record{eg}: remove the duplicates from the data", key
+    if column == "slice" and expectation == "expect_column_values_to_be_in_set":
+        return (f"{some} carry a slice that is not evaluated{eg}: add the slice to evaluate.slices, or set the "
+                "records' slice (or the source's data.sources[].slice) to an evaluated one", key)
+    if expectation == "expect_column_distinct_values_to_contain_set":
+        seen = set(result.get("observed_value") or [])
+        missing = sorted(set(kw.get("value_set") or []) - seen)
+        return (f"the eval set has no records for slice(s) {', '.join(missing)}: add them to data.eval, or remove "
+                "the slice from evaluate.slices", key)
+    if column == "response" and label_slice:
+        return (f"{some} of slice {label_slice} have a label outside evaluate.slices.{label_slice}.labels{eg}: "
+                "add the label there, or fix the records", key)
+    if column == "prompt_chars":
+        return (f"{some} were not rendered with the chat template{eg}: ingest them with the base model's "
+                "tokenizer (base_model.path)", key)
+    if column == "roles":
+        return f"{some} have turns whose role is not system, user or assistant{eg}: fix them in the data", key
+    if column.endswith("_chars"):
+        part = {"user_text_chars": "prompt", "min_turn_chars": "turn"}.get(column, column[:-6])
+        return f"{some} have an empty {part}{eg}: fix them in the data", key
+    if expectation == "expect_table_row_count_to_be_between":
+        return (f"no {what} were accepted: add some to {key} (quarantine.jsonl says why the ones read were "
+                "rejected)", key)
+    return f"{expectation} on {table}.{column} failed: {_observed(result)}", key
+
+
 def report_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Data validation: {'PASSED' if report['passed'] else 'FAILED'}", "",
-             "| table | expectation | column | result | observed |", "|---|---|---|---|---|"]
+    lines = [f"# Data validation: {'PASSED' if report['passed'] else 'FAILED'}", ""]
+    failed = [c for c in report["checks"] if not c["passed"]]
+    if failed:
+        lines += ["## What failed", ""]
+        lines += [f"- **{c['table']}**: {c.get('message') or c['expectation']}"
+                  + (f" (config: `{c['config_key']}`)" if c.get("config_key") else "") for c in failed]
+        lines.append("")
+    lines += ["| table | expectation | column | result | observed |", "|---|---|---|---|---|"]
     for c in sorted(report["checks"], key=lambda c: c["passed"]):
         lines.append(f"| {c['table']} | {c['expectation']} | {c['column']} | "
                      f"{'pass' if c['passed'] else '**FAIL**'} | {c['observed']} |")

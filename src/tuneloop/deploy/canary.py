@@ -22,6 +22,7 @@ import httpx
 from tuneloop.config import RunConfig
 from tuneloop.evaluate.metrics import normalize_answer
 from tuneloop.evaluate.stats import fisher_greater, p95, welch_less
+from tuneloop.feedback.auth import client_headers
 from tuneloop.jsonl import read_jsonl
 from tuneloop.registry import TAG_CANARY_PERCENT, Registry
 
@@ -72,7 +73,9 @@ def stop_gateway(proc: subprocess.Popen | None) -> None:
 
 
 def _reload(cfg: RunConfig) -> dict[str, Any]:
-    r = httpx.post(f"{cfg.deploy.gateway_url}/admin/reload", timeout=300)
+    """Ask the gateway to re-read the aliases (token: $TUNELOOP_API_TOKEN, else the local gateway's own);
+    a 503 (registry unreachable: serving unchanged) fails the step."""
+    r = httpx.post(f"{cfg.deploy.gateway_url}/admin/reload", timeout=300, headers=client_headers(cfg.state_path))
     r.raise_for_status()
     return r.json()
 
@@ -114,7 +117,7 @@ def replay_traffic(cfg: RunConfig, since: float) -> int:
     assert c.traffic_file is not None
     rows = read_jsonl(c.traffic_file)
     sent = 0
-    with httpx.Client(base_url=cfg.deploy.gateway_url, timeout=120) as http:
+    with httpx.Client(base_url=cfg.deploy.gateway_url, timeout=120, headers=client_headers(cfg.state_path)) as http:
         for i in range(c.requests):
             row = rows[i % len(rows)]
             body = {"messages": [{"role": "user", "content": row["prompt"]}], "user": f"replay-user-{i}",

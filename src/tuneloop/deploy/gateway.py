@@ -6,6 +6,26 @@ per user id. Every request is logged to the feedback store; `POST /v1/feedback` 
 rating, thumbs up/down or correction to it. `/metrics` (Prometheus) labels requests, errors,
 latency, tokens and feedback by model version; `/healthz`; `POST /admin/reload` re-reads the
 aliases and swaps models without dropping in-flight requests.
+
+Hardening (the loop learns from what users send, so the write path is guarded):
+- Every endpoint but /healthz and /metrics needs a bearer token with its scope (chat, feedback,
+  admin; feedback/auth.py). With no keys configured the gateway makes its own token in
+  <state_dir>/auth/token (scopes chat, feedback, admin, trusted; mode 0600) and the in-repo
+  clients (canary replay and reload, the benchmark) read it there; `deploy.auth.enabled: false`
+  opens everything for development, loudly. The admin endpoints are never open by default.
+- Bodies are streamed against `deploy.limits.max_body_bytes` (413); prompts are tokenized and
+  refused past `deploy.limits.max_prompt_tokens` (400) before any generation.
+- The operator's system prompt (data.system_prompt) always comes first: a client's system
+  messages are appended to it, in one leading system message (chat templates that allow one
+  system turn only still work), never put in its place.
+- Multi-part content (`[{"type": "text", "text": ...}]`) is served as its joined text parts; an
+  image, audio or file part is a 400 naming it.
+- User ids (the client address when the body has no `user`) are stored as keyed HMACs
+  (feedback/auth.py UserHasher); the canary split still hashes the id as sent, so it stays sticky.
+- A registry error during /admin/reload keeps the routing as it was and answers 503 with the
+  reason; only an alias that is really not set reads as "not set".
+- The request log is spooled to <state_dir>/spool before a request is answered (feedback/spool.py)
+  and replayed at the next start.
 """
 
 from __future__ import annotations
@@ -13,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import random
 import threading
 import time
@@ -26,12 +47,23 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from tuneloop.config import RunConfig
-from tuneloop.feedback.service import add_feedback_route, error, read_json, store_lifespan
+from tuneloop.feedback.auth import Guard
+from tuneloop.feedback.service import (RequestLogCollector, add_feedback_route, add_review_routes, content_text, error,
+                                       install_problem_handler, read_json, store_lifespan)
 from tuneloop.feedback.store import FeedbackStore, check_request_fields
+from tuneloop.registry import RegistryUnavailable
 
 log = logging.getLogger("tuneloop.gateway")
 MAX_NEW_TOKENS = 256
+MAX_FAULT_LATENCY_MS = 60_000.0
 SWITCH_INTERVAL_S = 0.0005
+
+
+class PromptTooLong(ValueError):
+    """The prompt (chat template included) has more tokens than `deploy.limits.max_prompt_tokens`."""
+
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(f"the prompt is {tokens} tokens; the limit is {limit} (deploy.limits.max_prompt_tokens)")
 
 
 class Backend(Protocol):
@@ -41,10 +73,12 @@ class Backend(Protocol):
 
 
 class HFBackend:
-    """Base model (+ merged LoRA adapter) generating greedily, one request at a time."""
+    """Base model (+ merged LoRA adapter) generating greedily, one request at a time. The messages arrive
+    with the operator's system prompt already first (`operator_first`); a prompt over
+    `max_prompt_tokens` is refused (PromptTooLong) after tokenizing, before generating."""
 
-    def __init__(self, model: Any, tokenizer: Any, system_prompt: str | None) -> None:
-        self.model, self.tokenizer, self.system_prompt = model, tokenizer, system_prompt
+    def __init__(self, model: Any, tokenizer: Any, max_prompt_tokens: int | None = None) -> None:
+        self.model, self.tokenizer, self.max_prompt_tokens = model, tokenizer, max_prompt_tokens
         self.lock = threading.Lock()
 
     def answer(self, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, int, int]:
@@ -53,8 +87,11 @@ class HFBackend:
         from tuneloop.data.formatting import ChatFormatter
 
         tok = self.tokenizer
-        prompt = ChatFormatter(tok, self.system_prompt).prompt(messages)
-        enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(next(self.model.parameters()).device)
+        prompt = ChatFormatter(tok, None).prompt(messages)
+        enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+        if self.max_prompt_tokens is not None and enc["input_ids"].shape[1] > self.max_prompt_tokens:
+            raise PromptTooLong(enc["input_ids"].shape[1], self.max_prompt_tokens)
+        enc = enc.to(next(self.model.parameters()).device)
         with self.lock, torch.no_grad():
             out = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -69,24 +106,6 @@ class Variant:
     backend: Backend
 
 
-class RequestLogCollector:
-    """The request log's health on /metrics: rows the database refused, rows given up on
-    during an outage, rows waiting to be written (alert on a backlog that keeps growing)."""
-
-    def __init__(self, store: FeedbackStore) -> None:
-        self.store = store
-
-    def collect(self) -> Any:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        yield CounterMetricFamily("tuneloop_request_log_rejected", "Logged requests the database refused "
-                                  "(each named in the gateway's log)", value=self.store.rejected)
-        yield CounterMetricFamily("tuneloop_request_log_dropped", "Logged requests given up on while the "
-                                  "database was unreachable", value=self.store.dropped)
-        yield GaugeMetricFamily("tuneloop_request_log_backlog", "Logged requests not yet written",
-                                value=self.store.backlog)
-
-
 def in_canary(user_id: str, percent: int) -> bool:
     """Sticky split: a user id always lands on the same side for a given percentage."""
     return int(hashlib.sha256(user_id.encode()).hexdigest()[:8], 16) % 100 < percent
@@ -99,7 +118,8 @@ class Gateway:
         self.cfg = cfg
         self._backend_factory = backend_factory or self.load_backend
         self.registry = Registry(cfg)
-        self.store = FeedbackStore(cfg.feedback_db, scrubber=pii_scrubber(cfg))
+        self.guard = Guard.from_config(cfg.deploy.auth, cfg.deploy.limits, state_dir=cfg.state_path)
+        self.store = FeedbackStore(cfg.feedback_db, scrubber=pii_scrubber(cfg), spool_dir=cfg.state_path / "spool")
         self.faults: dict[str, dict[str, float]] = {}  # role -> {error_rate, added_latency_ms} (admin, game days)
         self.cache_dir = cfg.state_path / "serving"
         self.variants: dict[str, Variant] = {}
@@ -116,6 +136,8 @@ class Gateway:
         self.m_tokens = Counter("tuneloop_completion_tokens", "Generated tokens", labels, registry=self.metrics)
         self.m_feedback = Histogram("tuneloop_feedback_score", "Feedback score (0 bad .. 1 good)", labels,
                                     registry=self.metrics, buckets=(0, .25, .5, .75, 1))
+        self.m_refused = Counter("tuneloop_refused", "Requests refused before any work (401, 403, 413, 429, ...)",
+                                 ["status"], registry=self.metrics)
         self.metrics.register(RequestLogCollector(self.store))
 
     # -- models --
@@ -128,7 +150,7 @@ class Gateway:
         if version is not None:
             mv = self.registry.model_version(version)
             adapter = self.registry.download_adapter(mv, self.cache_dir)
-        return HFBackend(*load_causal_lm(base_dir, adapter), self.cfg.data.system_prompt)
+        return HFBackend(*load_causal_lm(base_dir, adapter), self.cfg.deploy.limits.max_prompt_tokens)
 
     def _load(self, role: str, version: str | None) -> Variant:
         key = version or "base"
@@ -138,7 +160,8 @@ class Gateway:
         return Variant(role, key, self._loaded[key])
 
     def reload(self) -> dict[str, Any]:
-        """Re-read aliases; build the new routing table first, then swap it in one assignment."""
+        """Re-read aliases; build the new routing table first, then swap it in one assignment. Any
+        failure (RegistryUnavailable: the registry did not answer) leaves the routing as it was."""
         with self._reload_lock:
             champ = self.registry.alias_version("champion")
             canary = self.registry.alias_version("canary")
@@ -213,15 +236,37 @@ def _check_messages(body: Any) -> list[dict[str, str]]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise ValueError("`messages` must be a non-empty list")
+    out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(m.get("content"), str):
-            raise ValueError(f"`messages[{i}]` needs a role (system/user/assistant) and string content")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+                or not isinstance(m.get("content"), (str, list)):
+            raise ValueError(f"`messages[{i}]` needs a role (system/user/assistant) and content (a string or "
+                             "a list of text parts)")
+        out.append({"role": m["role"], "content": content_text(m["content"], f"messages[{i}].content")})
+    return out
+
+
+def operator_first(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """The operator's system prompt first, always: a client's system messages are appended to it (one
+    leading system message), never put in its place. Without an operator prompt, messages are as sent."""
+    if not system_prompt:
+        return messages
+    client = [m["content"] for m in messages if m["role"] == "system"]
+    system = "\n\n".join([system_prompt, *client])
+    return [{"role": "system", "content": system}, *(m for m in messages if m["role"] != "system")]
+
+
+def _number(body: dict[str, Any], key: str, low: float, high: float) -> float:
+    v = body.get(key, 0.0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low <= v <= high:
+        raise ValueError(f"`{key}` must be a number from {low:g} to {high:g}")
+    return float(v)
 
 
 def create_app(gw: Gateway) -> FastAPI:
     app = FastAPI(title="tuneloop gateway", lifespan=store_lifespan(gw.store))
+    guard = gw.guard
+    install_problem_handler(app, gw.m_refused)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -232,21 +277,29 @@ def create_app(gw: Gateway) -> FastAPI:
         return Response(generate_latest(gw.metrics), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reload")
-    def reload() -> dict[str, Any]:
-        return gw.reload()
+    def reload(request: Request) -> JSONResponse:
+        guard.authorize(request, "admin")
+        try:
+            return JSONResponse(gw.reload())
+        except RegistryUnavailable as e:
+            log.error("reload: registry unreachable, routing unchanged: %s", e)
+            return error(503, f"registry unreachable; still serving {gw.state()}: {e}")
+        except Exception as e:  # noqa: BLE001 - e.g. an adapter that does not load: keep serving what works
+            log.exception("reload failed, routing unchanged")
+            return error(500, f"reload failed; still serving {gw.state()}: {type(e).__name__}: {e}")
 
     @app.post("/admin/faults")
     async def faults(request: Request) -> JSONResponse:
         """Inject errors/latency into one variant (game days, rollback drills); {} clears it."""
+        guard.authorize(request, "admin")
+        body = await read_json(request, guard.max_body_bytes)
         try:
-            body = await read_json(request)
             role = body.get("variant") if isinstance(body, dict) else None
             if role not in ("champion", "canary", "shadow"):
                 raise ValueError("`variant` must be champion, canary or shadow")
-            rate, delay = float(body.get("error_rate", 0.0)), float(body.get("added_latency_ms", 0.0))
-            if not 0 <= rate <= 1 or delay < 0:
-                raise ValueError("`error_rate` must be 0..1 and `added_latency_ms` >= 0")
-        except (ValueError, TypeError, OverflowError) as e:
+            rate = _number(body, "error_rate", 0.0, 1.0)
+            delay = _number(body, "added_latency_ms", 0.0, MAX_FAULT_LATENCY_MS)
+        except ValueError as e:
             return error(400, str(e))
         if rate == 0 and delay == 0:
             gw.faults.pop(role, None)
@@ -255,33 +308,34 @@ def create_app(gw: Gateway) -> FastAPI:
         return JSONResponse(gw.state())
 
     @app.get("/v1/models")
-    def models() -> dict[str, Any]:
+    def models(request: Request) -> dict[str, Any]:
+        guard.authorize(request, "chat")
         return {"object": "list", "data": [{"id": v.version, "object": "model", "tuneloop_variant": v.role}
                                            for v in gw.variants.values()]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> JSONResponse:
+        who = guard.authorize(request, "chat")
+        guard.limit("chat_per_key", who.name)
+        body = await read_json(request, guard.max_body_bytes)
         try:
-            body = await read_json(request)
             messages = _check_messages(body)
             max_tokens = 64 if body.get("max_tokens") is None else int(body["max_tokens"])  # 0 is not "default"
             if not 1 <= max_tokens <= MAX_NEW_TOKENS:
                 raise ValueError(f"`max_tokens` must be 1..{MAX_NEW_TOKENS}")
-        except OverflowError as e:
-            return error(413, str(e))
-        except (ValueError, TypeError) as e:
-            return error(400, str(e))
-        user = str(body.get("user") or (request.client.host if request.client else "anonymous"))
-        meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
-        slice_ = str(meta.get("slice", ""))
-        try:
+            user = str(body.get("user") or (request.client.host if request.client else "anonymous"))
+            meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+            slice_ = str(meta.get("slice", ""))
             check_request_fields({"user_id": "`user`", "slice": "`metadata.slice`"}, user_id=user, slice=slice_)
-        except ValueError as e:
+        except (ValueError, TypeError, OverflowError) as e:
             return error(400, str(e))
+        uid = guard.users(user)
+        guard.limit("chat_per_user", uid)
         try:
             variant = gw.route(user, body.get("model"))
         except KeyError:
             return error(404, f"unknown model {body.get('model')!r}; serving {sorted(gw.state().values(), key=str)}")
+        messages = operator_first(messages, gw.cfg.data.system_prompt)
         rid = uuid.uuid4().hex
         started = time.perf_counter()
         status, text, p_tok, c_tok = "ok", "", 0, 0
@@ -289,6 +343,8 @@ def create_app(gw: Gateway) -> FastAPI:
             from starlette.concurrency import run_in_threadpool
 
             text, p_tok, c_tok = await run_in_threadpool(gw.generate, variant, messages, max_tokens)
+        except PromptTooLong as e:  # the client's mistake, refused before generating: not a served request
+            return error(400, str(e))
         except Exception as e:  # the model failed: count it, log it, answer 500
             status = "error"
             log.exception("generation failed on %s", variant.version)
@@ -297,12 +353,12 @@ def create_app(gw: Gateway) -> FastAPI:
         gw.m_requests.labels(variant.version, variant.role, status).inc()
         gw.m_latency.labels(variant.version, variant.role).observe(latency)
         gw.m_tokens.labels(variant.version, variant.role).inc(c_tok)
-        gw.store.log_request(request_id=rid, user_id=user, model_version=variant.version, variant=variant.role,
+        gw.store.log_request(request_id=rid, user_id=uid, model_version=variant.version, variant=variant.role,
                              slice=slice_, prompt=messages[-1]["content"], output=text,
                              status=status, latency_ms=latency * 1000)
         shadow = gw.variants.get("shadow")
         if shadow is not None:  # mirror: answer in the background, log it, never return it
-            asyncio.get_running_loop().run_in_executor(None, gw.mirror, shadow, messages, max_tokens, user, slice_)
+            asyncio.get_running_loop().run_in_executor(None, gw.mirror, shadow, messages, max_tokens, uid, slice_)
         if status == "error":
             return error(500, f"model {variant.version} failed: {err}")
         return JSONResponse({
@@ -313,8 +369,9 @@ def create_app(gw: Gateway) -> FastAPI:
             "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok},
             "tuneloop": {"variant": variant.role, "version": variant.version}})
 
-    add_feedback_route(app, gw.store, lambda version, variant, score: gw.m_feedback.labels(version, variant)
+    add_feedback_route(app, gw.store, guard, lambda version, variant, score: gw.m_feedback.labels(version, variant)
                        .observe(score))
+    add_review_routes(app, gw.store, guard)
     return app
 
 
@@ -327,6 +384,9 @@ def serve(cfg: RunConfig, host: str, port: int) -> None:
     # interval keeps the event loop answering while it runs (p99 under load, see bench/).
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     gw = Gateway(cfg)
-    gw.reload()
+    try:
+        gw.reload()
+    except RegistryUnavailable as e:  # no routing yet: serving the base model instead would be wrong
+        raise SystemExit(f"tuneloop serve: the registry is unreachable, not starting: {e}") from None
     log.info("gateway on http://%s:%d serving %s", host, port, gw.state())
     uvicorn.run(create_app(gw), host=host, port=port, log_level="warning", workers=1)

@@ -318,6 +318,19 @@ def write_result(spec: JobSpec, trainer: Any, started: float, extra: dict[str, A
     (Path(spec.output_dir) / "train_metrics.json").write_text(json.dumps(result, indent=2))
 
 
+def peak_rss_mb_all_ranks() -> float:
+    """The largest peak resident memory of any rank so far, in MB (collective: every rank calls it)."""
+    import resource
+
+    import torch
+    import torch.distributed as dist
+
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float(peak.item())
+
+
 def save_adapter(trainer: Any, spec: JobSpec, tokenizer: Any) -> Path:
     """Save the LoRA adapter (gathered from ZeRO-3 shards by the trainer) and the tokenizer; a full
     fine-tune saves the whole model to `model/` instead (16-bit gather on save, see zero3.json)."""
@@ -384,7 +397,8 @@ def run_training(spec: JobSpec, build: Callable[[JobSpec, list[Any]], tuple[Any,
     if spec.train.save_merged_model and spec.train.method != "full":
         save_merged(spec, saved, tokenizer)
     write_result(spec, trainer, started, {"zero": part.stats, "resumed_from_step": step_of(resume) if resume else None,
-                                          "tokens_before_resume": progress.tokens0, "train_s": train_s})
+                                          "tokens_before_resume": progress.tokens0, "train_s": train_s,
+                                          "peak_rss_mb": peak_rss_mb_all_ranks()})
     barrier()
     if rank() == 0 and spec.checkpoint_dir:
         shutil.rmtree(ckpt_root, ignore_errors=True)  # the stage is done; its adapter is the output

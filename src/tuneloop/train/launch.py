@@ -7,11 +7,13 @@ objects, train/cluster.py follows them). Either way the worker reads its JobSpec
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
 from tuneloop.config import RunConfig
-from tuneloop.train.local import WorkerCrashed, launch_local
+from tuneloop.train.local import OutOfMemory, WorkerCrashed, launch_local
 from tuneloop.train.spec import JobSpec, build_spec  # noqa: F401 - build_spec: the launch API
 
 log = logging.getLogger("tuneloop.launch")
@@ -24,9 +26,13 @@ def launch(cfg: RunConfig, spec: JobSpec, pipeline_run: str = "adhoc") -> dict[s
         from tuneloop.train.cluster import ClusterLauncher
 
         return ClusterLauncher(cfg).run(spec, pipeline_run)  # the cluster's restart policy handles crashes
+    refuse_known_oom(spec)
     try:
         return launch_local(spec, t.nproc_per_node, cfg.state_path, t.timeout_minutes * 60,
                             t.cluster.termination_grace_seconds)
+    except OutOfMemory as e:
+        remember_oom(spec, str(e).splitlines()[0])
+        raise
     except WorkerCrashed as e:  # once: a second crash is reported as it is
         log.warning("%s: a rank died of %s; relaunching once, from the newest complete checkpoint",
                     spec.stage, e.signal_name)
@@ -34,3 +40,27 @@ def launch(cfg: RunConfig, spec: JobSpec, pipeline_run: str = "adhoc") -> dict[s
                             t.cluster.termination_grace_seconds)
 
 
+
+
+def _oom_marker(spec: JobSpec) -> Path | None:
+    """Where a stage of a pipeline run remembers that its settings were killed for memory: next to its
+    checkpoints, keyed by the training settings, so a retry of the task (KFP retries failed tasks) with
+    the same settings fails at once instead of being killed again."""
+    if not spec.checkpoint_dir:
+        return None
+    digest = hashlib.sha256(spec.train.model_dump_json().encode()).hexdigest()[:12]
+    return Path(spec.checkpoint_dir).parent / f".{spec.stage}-oom-{digest}.txt"
+
+
+def remember_oom(spec: JobSpec, reason: str) -> None:
+    marker = _oom_marker(spec)
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(reason)
+
+
+def refuse_known_oom(spec: JobSpec) -> None:
+    marker = _oom_marker(spec)
+    if marker is not None and marker.exists():
+        raise OutOfMemory(f"not retried: an earlier attempt of this run with the same training settings ran out "
+                          f"of memory. {marker.read_text()}")

@@ -47,6 +47,26 @@ class WorkerCrashed(TrainingFailed):
         self.signal_name = signal_name
 
 
+class OutOfMemory(TrainingFailed):
+    """A rank was killed by the kernel (SIGKILL with no stop asked for): the host ran out of memory.
+    Not transient: the same settings would be killed again."""
+
+
+def oom_advice(spec: JobSpec) -> str:
+    """The memory estimate of this stage and the settings that would fit this host (train/memory.py)."""
+    from tuneloop.train.memory import ModelShape, available_bytes, estimate, what_would_fit
+
+    try:
+        shape = ModelShape.from_config(spec.base_model_dir)
+    except (OSError, KeyError, ValueError):
+        return "lower the batch size or max_length, or set train.gradient_checkpointing: true"
+    n = spec.train.nproc_per_node
+    est = estimate(spec.train, spec.stage, shape, n, cuda=False)
+    return (f"estimated peak {est.describe()}; "
+            + what_would_fit(spec.train, spec.stage, shape, n, False, min(available_bytes(), est.bytes_per_process * n)
+                             * 0.8))
+
+
 CRASH_SIGNALS = {int(signal.SIGABRT): "SIGABRT", int(signal.SIGBUS): "SIGBUS", int(signal.SIGSEGV): "SIGSEGV"}
 _EXITCODE = re.compile(r"exitcode\s*:\s*-(\d+)")
 
@@ -57,6 +77,18 @@ def crash_signal(torchrun_output: list[str]) -> str | None:
         m = _EXITCODE.search(line)
         if m and int(m.group(1)) in CRASH_SIGNALS:
             return CRASH_SIGNALS[int(m.group(1))]
+    return None
+
+
+def killed_rank(torchrun_output: list[str]) -> int | None:
+    """The rank torchrun reports as killed by SIGKILL (exitcode -9), None if none was."""
+    text = "\n".join(torchrun_output)
+    for block in re.split(r"\[\d+\]:", text)[1:]:
+        if re.search(r"exitcode\s*:\s*-9\b", block):
+            m = re.search(r"rank\s*:\s*(\d+)", block)
+            return int(m.group(1)) if m else 0
+    if re.search(r"exitcode\s*:\s*-9\b", text):
+        return 0
     return None
 
 
@@ -140,6 +172,9 @@ def launch_local(spec: JobSpec, nproc: int, state_dir: Path, timeout_s: float,
                         f"{spec.checkpoint_dir} is resumed by a rerun")
     if rc != 0:
         message = f"{spec.stage} worker exited with {rc}; last lines:\n" + "\n".join(tail)
+        if killed_rank(list(tail)) is not None:
+            raise OutOfMemory(f"{spec.stage}: rank {killed_rank(list(tail))} was killed by the kernel (SIGKILL), "
+                              f"likely out of memory; {oom_advice(spec)}\n{message}")
         crashed = crash_signal(list(tail))
         raise WorkerCrashed(message, crashed) if crashed else TrainingFailed(message)
     return read_result(spec)
