@@ -84,6 +84,13 @@ def check_prerequisites(cfg: RunConfig, run_name: str, kfp_run_id: str) -> dict[
     if problems:
         raise PrerequisiteError("prerequisites not met:\n  - " + "\n  - ".join(problems))
     base = base_model_dir(cfg)
+    if cfg.train.backend == "local":  # a cluster job's pods have their own memory; the launcher reports OOMKilled
+        from tuneloop.train.memory import check_local_fit
+
+        stages = [s for s, section in (("sft", cfg.train.sft), ("dpo", cfg.train.dpo)) if section.enabled]
+        too_big = check_local_fit(cfg.train, base, stages)
+        if too_big:
+            raise PrerequisiteError("prerequisites not met:\n  - " + "\n  - ".join(too_big))
     reg = Registry(cfg)
     params = _flatten(cfg.model_dump(mode="json"))
     parent = reg.start_pipeline_run(run_name, kfp_run_id, params)

@@ -167,10 +167,8 @@ def check_local_fit(train: TrainConfig, base_model_dir: str | Path, stages: list
                     cuda: bool | None = None) -> list[str]:
     """Problems (one line each) for training stages of a local run whose estimate exceeds the memory
     available here; empty when everything fits. GPU memory is checked per device on CUDA hosts."""
-    if cuda is None:
-        import torch
-
-        cuda = torch.cuda.is_available()
+    if cuda is None:  # without importing torch (seconds): a GPU node has the driver's device files
+        cuda = Path("/dev/nvidiactl").exists()
     shape = ModelShape.from_config(base_model_dir)
     n = train.nproc_per_node
     if cuda:
