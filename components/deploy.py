@@ -71,3 +71,13 @@ def stop(config: dict, parent_run_id: str, reason: str):
     from tuneloop.stages import stop_stage
 
     stop_stage(parse_config(config), parent_run_id, reason)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def finalize(config: dict, kfp_run_id: str, status: dsl.PipelineTaskFinalStatus) -> str:
+    """Exit handler: after a failed or cancelled run, roll back its live canary and close its MLflow runs
+    with the reason; a run that reached its decision is left as it is."""
+    from tuneloop.config import parse_config
+    from tuneloop.stages import finalize_stage
+
+    return finalize_stage(parse_config(config), kfp_run_id, status.state, status.error_message or "")["outcome"]

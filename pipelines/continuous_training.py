@@ -1,7 +1,8 @@
 """The continuous-training DAG (see README: architecture).
 
 check_prerequisites -> ingest -> validate_data -(gate)-> sft -> dpo -> evaluate -(gate)->
-register -> deploy_canary -> analyze_canary -> promote | rollback
+register -> deploy_canary -> analyze_canary -> promote | rollback, inside an exit handler
+(`finalize`) that rolls back a live canary and closes the MLflow runs of a failed or cancelled run
 
 The same pipeline runs on Kubeflow Pipelines (compiled YAML next to this file) and on one
 machine with kfp.local (`tuneloop run`). The run config travels as one `config` parameter
@@ -65,44 +66,48 @@ def build_pipeline(platform: PlatformConfig, k8s: KubernetesConfig,  # noqa: ANN
                   description="Ingest, validate, SFT + DPO (DeepSpeed ZeRO-3), gated evaluation against the "
                               "champion, MLflow registry, canary rollout with automatic promotion or rollback.")
     def continuous_training(config: dict, run_name: str = "tuneloop"):
-        pre = cpu(c.check_prerequisites(config=config, run_name=run_name,
-                                        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
-        pre.set_caching_options(False)
-        parent = pre.outputs["parent_run_id"]
+        # runs last whatever happens: a failed or cancelled run leaves no canary live and no MLflow run open
+        fin = cpu(c.finalize(config=config, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+        fin.set_caching_options(False)
+        with dsl.ExitHandler(fin, name="finalize-run"):
+            pre = cpu(c.check_prerequisites(config=config, run_name=run_name,
+                                            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+            pre.set_caching_options(False)
+            parent = pre.outputs["parent_run_id"]
 
-        data = cpu(c.ingest(config=config, parent_run_id=parent))
-        data.set_caching_options(False)  # reads the feedback store, which changes between runs
-        check = cpu(c.validate_data(config=config, parent_run_id=parent, dataset=data.outputs["dataset"]),
-                    network=False)
+            data = cpu(c.ingest(config=config, parent_run_id=parent))
+            data.set_caching_options(False)  # reads the feedback store, which changes between runs
+            check = cpu(c.validate_data(config=config, parent_run_id=parent, dataset=data.outputs["dataset"]),
+                        network=False)
 
-        with dsl.If(check.outputs["passed"] == True, name="data-gate"):  # noqa: E712 - KFP condition syntax
-            sft = gpu(c.sft(config=config, parent_run_id=parent, dataset=data.outputs["dataset"]), t_train)
-            dpo = gpu(c.dpo(config=config, parent_run_id=parent, dataset=data.outputs["dataset"],
-                            sft_adapter=sft.outputs["adapter"]), t_train)
-            ev = gpu(c.evaluate(config=config, parent_run_id=parent, dataset=data.outputs["dataset"],
-                                adapter=dpo.outputs["adapter"]), t_task)
-            ev.set_caching_options(False)  # compares against whatever is champion now
+            with dsl.If(check.outputs["passed"] == True, name="data-gate"):  # noqa: E712 - KFP condition syntax
+                sft = gpu(c.sft(config=config, parent_run_id=parent, dataset=data.outputs["dataset"]), t_train)
+                dpo = gpu(c.dpo(config=config, parent_run_id=parent, dataset=data.outputs["dataset"],
+                                sft_adapter=sft.outputs["adapter"]), t_train)
+                ev = gpu(c.evaluate(config=config, parent_run_id=parent, dataset=data.outputs["dataset"],
+                                    adapter=dpo.outputs["adapter"]), t_task)
+                ev.set_caching_options(False)  # compares against whatever is champion now
 
-            with dsl.If(ev.outputs["passed"] == True, name="evaluation-gate"):  # noqa: E712
-                reg = cpu(c.register(config=config, parent_run_id=parent, adapter=dpo.outputs["adapter"],
-                                     evaluation=ev.outputs["evaluation"], dataset=data.outputs["dataset"]))
-                version = reg.outputs["Output"]
-                dep = cpu(c.deploy_canary(config=config, parent_run_id=parent, version=version))
-                ana = cpu(c.analyze_canary(config=config, parent_run_id=parent, version=version,
-                                           deployed_at=dep.output))
-                with dsl.If(ana.outputs["decision"] == "promote", name="canary-healthy"):
-                    cpu(c.promote(config=config, parent_run_id=parent, version=version)).set_caching_options(False)
-                with dsl.Else(name="canary-unhealthy"):
-                    cpu(c.rollback(config=config, parent_run_id=parent, version=version)).set_caching_options(False)
-                for t in (reg, dep, ana):
-                    t.set_caching_options(False)
-            with dsl.Else(name="evaluation-rejected"):
-                cpu(c.stop(config=config, parent_run_id=parent, reason=STOP_EVALUATION_GATE),
+                with dsl.If(ev.outputs["passed"] == True, name="evaluation-gate"):  # noqa: E712
+                    reg = cpu(c.register(config=config, parent_run_id=parent, adapter=dpo.outputs["adapter"],
+                                         evaluation=ev.outputs["evaluation"], dataset=data.outputs["dataset"]))
+                    version = reg.outputs["Output"]
+                    dep = cpu(c.deploy_canary(config=config, parent_run_id=parent, version=version))
+                    ana = cpu(c.analyze_canary(config=config, parent_run_id=parent, version=version,
+                                               deployed_at=dep.output))
+                    with dsl.If(ana.outputs["decision"] == "promote", name="canary-healthy"):
+                        cpu(c.promote(config=config, parent_run_id=parent, version=version)).set_caching_options(False)
+                    with dsl.Else(name="canary-unhealthy"):
+                        cpu(c.rollback(config=config, parent_run_id=parent, version=version)).set_caching_options(False)
+                    for t in (reg, dep, ana):
+                        t.set_caching_options(False)
+                with dsl.Else(name="evaluation-rejected"):
+                    cpu(c.stop(config=config, parent_run_id=parent, reason=STOP_EVALUATION_GATE),
+                        ).set_caching_options(False)
+
+            with dsl.Else(name="data-rejected"):
+                cpu(c.stop(config=config, parent_run_id=parent, reason=STOP_DATA_GATE),
                     ).set_caching_options(False)
-
-        with dsl.Else(name="data-rejected"):
-            cpu(c.stop(config=config, parent_run_id=parent, reason=STOP_DATA_GATE),
-                ).set_caching_options(False)
 
     return continuous_training
 

@@ -79,15 +79,21 @@ class Registry:
         except Exception:  # created concurrently by another task
             return self.client.get_experiment_by_name(self.cfg.registry.experiment).experiment_id
 
+    def pipeline_run_of_kfp(self, kfp_run_id: str) -> Any | None:
+        """The parent run opened for a KFP run id (None if none was)."""
+        if not kfp_run_id:
+            return None
+        found = self.client.search_runs([self.experiment_id()], f"tags.`{TAG_KFP_RUN}` = '{kfp_run_id}'",
+                                        max_results=20)
+        found = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+        return found[0] if found else None
+
     def start_pipeline_run(self, run_name: str, kfp_run_id: str, params: dict[str, Any]) -> str:
         """The parent run of one pipeline run (idempotent on the KFP run id)."""
         exp = self.experiment_id()
-        found = self.client.search_runs([exp], f"tags.`{TAG_KFP_RUN}` = '{kfp_run_id}' and "
-                                               f"tags.`mlflow.parentRunId` IS NULL", max_results=1) \
-            if kfp_run_id else []
-        found = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
-        if found:
-            return found[0].info.run_id
+        found = self.pipeline_run_of_kfp(kfp_run_id)
+        if found is not None:
+            return found.info.run_id
         run = self.client.create_run(exp, run_name=run_name, tags={
             TAG_KFP_RUN: kfp_run_id, TAG_GIT_SHA: git_sha(), "tuneloop.loop": self.cfg.name})
         for k, v in params.items():
@@ -104,15 +110,43 @@ class Registry:
         rid = run.info.run_id
         try:
             yield rid
-        except BaseException:
-            self.client.set_terminated(rid, "FAILED")
+        except BaseException as e:
+            self._record_failure(rid, stage, e)
             raise
         self.client.set_terminated(rid, "FINISHED")
 
-    def finish_pipeline_run(self, parent_id: str, outcome: str) -> None:
+    def _record_failure(self, run_id: str, stage: str, error: BaseException) -> None:
+        """A failed stage's run says why: the error's first line as tag and description, the whole message
+        (a training worker's last log lines among it) as error.txt; KILLED for an interrupt or SIGTERM."""
+        import tempfile
+        import traceback
+
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:500]
+        try:
+            self.client.set_tag(run_id, "tuneloop.error", first)
+            self.client.set_tag(run_id, "tuneloop.outcome", f"FAILED: {first}")
+            self.client.set_tag(run_id, "mlflow.note.content", f"**{stage} failed**: {first}")
+            with tempfile.TemporaryDirectory() as d:
+                Path(d, "error.txt").write_text(
+                    f"{type(error).__name__}: {error}\n\n" + "".join(traceback.format_exception(error)))
+                self.client.log_artifacts(run_id, d, "failure")
+        finally:
+            killed = isinstance(error, (KeyboardInterrupt, SystemExit))
+            self.client.set_terminated(run_id, "KILLED" if killed else "FAILED")
+
+    def finish_pipeline_run(self, parent_id: str, outcome: str, status: str | None = None) -> None:
         self.client.set_tag(parent_id, "tuneloop.outcome", outcome)
-        status = "FAILED" if outcome.startswith("failed") else "FINISHED"
+        status = status or ("FAILED" if outcome.startswith("failed") else "FINISHED")
         self.client.set_terminated(parent_id, status)
+
+    def versions_of_pipeline_run(self, parent_id: str) -> list[Any]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return list(self.client.search_model_versions(f"name = '{self.name}' and "
+                                                          f"tags.`{TAG_PIPELINE_RUN}` = '{parent_id}'"))
+        except MlflowException:  # no registered model yet
+            return []
 
     def set_tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)

@@ -145,7 +145,11 @@ def test_workloads_run_as_documented(rendered):
     env, objs = rendered
     deployments = {o["metadata"]["name"]: o for o in by_kind(objs, "Deployment")}
     feedback = deployments["tuneloop-feedback"]["spec"]["template"]["spec"]["containers"][0]
-    assert feedback["command"] + feedback["args"] == ["tuneloop", "feedback-service", "--port", "8080"]
+    assert feedback["command"] + feedback["args"] == ["tuneloop", "feedback-service", "--port", "8080",
+                                                      "--config", "/etc/tuneloop/config.yaml"]
+    auth_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in feedback["env"] if "valueFrom" in e}
+    assert auth_env["TUNELOOP_API_KEYS"] == {"name": "tuneloop-feedback-auth", "key": "api-keys"}
+    assert auth_env["TUNELOOP_USER_ID_SECRET"] == {"name": "tuneloop-feedback-auth", "key": "user-id-secret"}
     assert "DATABASE_URL" in {e["name"] for e in feedback["env"]}, "the URL comes from the env, not the args"
     assert feedback["readinessProbe"]["httpGet"]["path"] == "/healthz"
     mlflow = deployments["tuneloop-mlflow"]["spec"]["template"]["spec"]["containers"][0]
@@ -261,6 +265,7 @@ def test_schema_refuses_an_unknown_key():
     ({"mlflow": {"auth": {"users": {"existingSecret": "tuneloop-mlflow-auth"}}}},
      "mlflow.auth.users.existingSecret must not be mlflow.auth.existingSecret"),
     ({"serviceAccounts": {"monitor": {"create": False}}}, "serviceAccounts.monitor.name is required"),
+    ({"feedback": {"auth": {"existingSecret": ""}}}, "feedback.auth.existingSecret is empty"),
 ])
 def test_fail_guards_refuse_impossible_combinations(change, message):
     import helm_python as helm
@@ -631,10 +636,20 @@ def test_prod_feedback_service_runs_as_rendered_on_postgres(postgres, tmp_path):
 
     from tuneloop.feedback.store import FeedbackStore
 
-    c = _container(render(env_values("prod")), "-feedback")
+    from tuneloop.feedback.auth import key_line, new_token
+
+    objs = render(env_values("prod"))
+    c = _container(objs, "-feedback")
     db = postgres("feedback_prod")
-    env = _env(c, {"tuneloop-feedback-db/database-url": db}, {})
+    events, feedback = new_token(), new_token()  # KServe's payload logger, the app forwarding users' ratings
+    env = _env(c, {"tuneloop-feedback-db/database-url": db,
+                   "tuneloop-feedback-auth/api-keys": "\n".join([key_line("kserve-logger", ["events"], events),
+                                                                 key_line("app", ["feedback"], feedback)]),
+                   "tuneloop-feedback-auth/user-id-secret": "not-a-real-user-id-secret-0123456789"}, {})
+    (cm,) = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"] == "tuneloop-config"]
+    (tmp_path / "config.yaml").write_text(cm["data"]["config.yaml"])  # the pod's /etc/tuneloop/config.yaml
     argv = [*c["command"], *(_re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in c["args"])]
+    argv = [str(tmp_path / "config.yaml") if a == "/etc/tuneloop/config.yaml" else a for a in argv]
     assert not any(db in a for a in argv), "the database URL must not be on the command line"
     port = free_port()
     i = argv.index("--port")
@@ -642,14 +657,22 @@ def test_prod_feedback_service_runs_as_rendered_on_postgres(postgres, tmp_path):
     url = f"http://127.0.0.1:{port}"
     proc = start_until_healthy(argv, f"{url}/healthz", tmp_path / "feedback.log", env)
     try:
+        # the first write waits for the store's warm-up (Presidio's first load): a long timeout
+        http = httpx.Client(timeout=120)
         h = {"ce-id": "ev-1", "ce-inferenceservicename": "tuneloop"}
-        httpx.post(f"{url}/v1/kserve-events", params={"version": "2", "variant": "canary"},
-                   headers={**h, "ce-type": "org.kubeflow.serving.inference.request"},
-                   json={"messages": [{"role": "user", "content": "refund please"}]}).raise_for_status()
-        httpx.post(f"{url}/v1/kserve-events", headers={**h, "ce-type": "org.kubeflow.serving.inference.response"},
-                   json={"choices": [{"message": {"content": "billing"}}]}).raise_for_status()
-        httpx.post(f"{url}/v1/feedback", json={"request_id": "ev-1", "rating": 5}).raise_for_status()
+        assert http.post(f"{url}/v1/feedback", json={"request_id": "ev-1", "rating": 5}).status_code == 401
+        assert http.post(f"{url}/v1/feedback", json={"request_id": "ev-1", "rating": 5},
+                         headers={"Authorization": f"Bearer {events}"}).status_code == 403  # events scope only
+        http.post(f"{url}/v1/kserve-events", params={"version": "2", "variant": "canary", "access_token": events},
+                  headers={**h, "ce-type": "org.kubeflow.serving.inference.request"},
+                  json={"messages": [{"role": "user", "content": "refund please"}]}).raise_for_status()
+        http.post(f"{url}/v1/kserve-events", params={"access_token": events},
+                  headers={**h, "ce-type": "org.kubeflow.serving.inference.response"},
+                  json={"choices": [{"message": {"content": "billing"}}]}).raise_for_status()
+        http.post(f"{url}/v1/feedback", json={"request_id": "ev-1", "rating": 5},
+                  headers={"Authorization": f"Bearer {feedback}"}).raise_for_status()
     finally:
+        http.close()
         proc.terminate()
         proc.wait(30)
     [row] = FeedbackStore(db).rows()

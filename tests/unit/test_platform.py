@@ -51,8 +51,11 @@ def test_compiled_pipeline_places_gpu_and_cpu_tasks(tmp_path, tiny_model_dir):
         assert spec["secretAsEnv"][0]["keyToEnv"] == [{"envVar": "MLFLOW_TRACKING_PASSWORD", "secretKey": "password"}]
     text = out.read_text()
     assert "retryPolicy" in text
-    root = yaml.safe_load_all(text).__next__()["root"]["dag"]["tasks"]
-    assert root["check-prerequisites"]["retryPolicy"]["maxRetryCount"] == 2
+    spec = yaml.safe_load_all(text).__next__()
+    dags = [spec["root"]["dag"]["tasks"]] + [c["dag"]["tasks"] for c in spec["components"].values() if "dag" in c]
+    pre = next(d["check-prerequisites"] for d in dags if "check-prerequisites" in d)  # inside the exit handler
+    assert pre["retryPolicy"]["maxRetryCount"] == 2
+    assert spec["root"]["dag"]["tasks"]["finalize"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
 
 
 def test_gpus_per_pod_must_match_training_processes(tmp_path, tiny_model_dir):

@@ -350,6 +350,9 @@ Called from every template that depends on them (the result is empty).
 {{- if and $v.mlflow.enabled $v.mlflow.auth.enabled $users.enabled (eq $users.existingSecret $v.mlflow.auth.existingSecret) -}}
 {{- fail "mlflow.auth.users.existingSecret must not be mlflow.auth.existingSecret: the clients' Secret would carry the admin password" -}}
 {{- end -}}
+{{- if and $v.feedback.enabled (not $v.feedback.auth.existingSecret) -}}
+{{- fail "feedback.enabled but feedback.auth.existingSecret is empty: the feedback service refuses to start without API keys and a user-id secret (README \"Install per environment\")" -}}
+{{- end -}}
 {{- include "tuneloop.validateNamespace" . -}}
 {{- end -}}
 

@@ -35,8 +35,10 @@ The spaCy pipeline is skipped too when it cannot change a result: with the defau
 pipeline (no components) every token's lemma is empty, so the context enhancer, the only reader
 of the NLP output for these recognizers, never finds a context word and never changes a score.
 Presidio then gets precomputed, empty NLP artifacts (`AnalyzerEngine.analyze(nlp_artifacts=...)`)
-and its recognizers decide exactly as before; a test compares both paths result by result. With
-a trained pipeline (`nlp_model`), lemmas exist, context can raise a score over the threshold, and
+and its recognizers decide exactly as before; its URL recognizer (four 6,000-character regexes
+tried at every position) reads only the whitespace-delimited tokens around the URL candidates,
+which hold every match it can make (URL_SKELETONS). A test compares this path with Presidio's own,
+result by result and score by score, over both corpora. With a trained pipeline (`nlp_model`), lemmas exist, context can raise a score over the threshold, and
 every analysed text goes through spaCy. With an NLP-based entity (PERSON) there is no cheap
 condition at all: every text goes to Presidio.
 
@@ -260,12 +262,12 @@ class PiiScrubber:
         self.by_output: dict[str, Counter] = {}  # the same, per output (ingest: accepted / quarantined)
         self._pending: Counter = Counter()  # spans of the record in hand (see commit / discard)
         self.texts_seen = 0
-        self.texts_analyzed = 0  # went through Presidio (the rest were cleared by the gate)
+        self.texts_analyzed = 0  # not cleared by the gate: Presidio's result (computed, or remembered)
         self.texts_changed = 0
         self.analyzed_for: Counter = Counter()  # texts Presidio looked at, per recognizer the gate left in
         self._skip_nlp = False  # set by _build: the spaCy pipeline cannot change a result (module doc)
         # the last texts Presidio scrubbed, with their result: ingest scrubs a quarantined record again
-        # (its original is logged), right after scrubbing its fields; Presidio's answer is the same
+        # (its original is logged) right after scrubbing its fields, and Presidio's answer is the same
         self._recent: OrderedDict[str, tuple[str, tuple[str, ...]]] = OrderedDict()
 
     # -- Presidio, built on first use --
@@ -383,9 +385,7 @@ class PiiScrubber:
             if len(text) <= RECENT_MAX_CHARS:
                 self._recent[text] = done
                 if len(self._recent) > RECENT_TEXTS:
-                    self._recent.popitem(last=False)
-        else:
-            self._recent.move_to_end(text)
+                    self._recent.popitem(last=False)  # the oldest
         out, found = done
         if not found:
             return text

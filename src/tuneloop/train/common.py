@@ -95,7 +95,7 @@ def trainer_arguments(spec: JobSpec) -> dict[str, Any]:
         max_steps=hp.max_steps,
         num_train_epochs=hp.epochs,
         learning_rate=hp.learning_rate,
-        warmup_ratio=hp.warmup_ratio,
+        warmup_steps=hp.warmup_ratio,  # transformers 5: a warmup_steps below 1 is a share of the steps
         per_device_train_batch_size=hp.per_device_batch_size,
         gradient_accumulation_steps=hp.gradient_accumulation_steps,
         max_length=hp.max_length,
