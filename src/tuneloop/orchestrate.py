@@ -150,7 +150,8 @@ def submit(cfg: RunConfig, host: str, experiment: str, run_name: str | None,
     client = kfp.Client(host=host, namespace=namespace)
     run = client.create_run_from_pipeline_func(
         pipeline_for(cfg), arguments={"config": cfg.to_pipeline_param(), "run_name": name},
-        run_name=name, experiment_name=experiment, enable_caching=False)
+        run_name=name, experiment_name=experiment, enable_caching=False,
+        service_account=cfg.kubernetes.service_account)
     return run.run_id
 
 
@@ -175,7 +176,8 @@ def schedule(cfg: RunConfig, host: str, experiment: str, cron: str, job_name: st
         rr = client.create_recurring_run(
             experiment_id=exp.experiment_id, job_name=job_name, cron_expression=cron,
             max_concurrency=max_concurrency, pipeline_package_path=str(package),
-            params={"config": cfg.to_pipeline_param(), "run_name": job_name}, enable_caching=False)
+            params={"config": cfg.to_pipeline_param(), "run_name": job_name}, enable_caching=False,
+            service_account=cfg.kubernetes.service_account)
     return rr.recurring_run_id
 
 

@@ -414,7 +414,10 @@ def finalize_stage(cfg: RunConfig, kfp_run_id: str, state: str, error: str = "")
     for mv in reg.versions_of_pipeline_run(pid):
         version = str(mv.version)
         if live.get(cfg.deploy.canary.mode) == version:
-            canary.rollback(cfg, version)
+            try:
+                canary.rollback(cfg, version)  # aliases first, then serving follows
+            except Exception as e:  # noqa: BLE001 - serving unreachable: the aliases moved, it follows on reload
+                log.error("rolled back v%s in the registry; serving did not answer: %s", version, e)
             rolled_back.append(version)
     where = f" at {failed_at[0]}" if failed_at else ""
     reason = (error or state).strip().splitlines()[0][:300] if (error or state) else state

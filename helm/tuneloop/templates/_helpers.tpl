@@ -189,6 +189,9 @@ The run config as stored in the ConfigMap, wired to this release where runConfig
 {{- if not (get $k8s "namespace") -}}
 {{- $_ := set $k8s "namespace" .Release.Namespace -}}
 {{- end -}}
+{{- if not (hasKey $k8s "service_account") -}}
+{{- $_ := set $k8s "service_account" (include "tuneloop.serviceAccountName" (dict "ctx" . "component" "pipeline")) -}}
+{{- end -}}
 {{- $_ := set $cfg "kubernetes" $k8s -}}
 {{- $train := default dict (get $cfg "train") -}}
 {{- $cluster := default dict (get $train "cluster") -}}
@@ -198,6 +201,10 @@ The run config as stored in the ConfigMap, wired to this release where runConfig
 {{- end -}}
 {{- if not (hasKey $cluster "service_account") -}}
 {{- $_ := set $cluster "service_account" (include "tuneloop.serviceAccountName" (dict "ctx" . "component" "training")) -}}
+{{- end -}}
+{{- if and $v.mlflow.enabled $v.mlflow.auth.enabled $v.mlflow.auth.users.enabled (not (hasKey $cluster "secrets")) -}}
+{{- $tcred := include "tuneloop.mlflowCredentials" (dict "ctx" . "user" "training") | fromYaml -}}
+{{- $_ := set $cluster "secrets" (list (dict "name" "MLFLOW_TRACKING_USERNAME" "secret" $tcred.secret "key" $tcred.usernameKey) (dict "name" "MLFLOW_TRACKING_PASSWORD" "secret" $tcred.secret "key" $tcred.passwordKey)) -}}
 {{- end -}}
 {{- $_ := set $train "cluster" $cluster -}}
 {{- $_ := set $cfg "train" $train -}}

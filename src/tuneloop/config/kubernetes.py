@@ -117,6 +117,9 @@ class KubernetesConfig(_Strict):
         default_factory=list, description="Secrets exposed as environment variables in every pipeline task and "
                                           "training pod (MLflow and S3 credentials, the feedback database URL); the "
                                           "values never enter the config, the compiled YAML or the job objects.")
+    service_account: str | None = Field(
+        None, description="ServiceAccount the pipeline's task pods run as (the chart sets its own, the only one "
+                          "bound to the Role that launches training jobs); null: Kubeflow Pipelines' default.")
     pod_labels: dict[str, str] = Field(
         default_factory=lambda: {"app.kubernetes.io/part-of": "tuneloop"},
         description="Labels on every pod the platform creates (training pods, the KServe predictor), so the "

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from tuneloop.config.base import _Strict
-from tuneloop.config.kubernetes import TrainPodResources
+from tuneloop.config.kubernetes import SecretEnv, TrainPodResources
 from tuneloop.config.secrets import SECRET_NAME
 
 class BaseModelConfig(_Strict):
@@ -78,6 +78,9 @@ class ClusterConfig(_Strict):
                                           "are refused here: list them in `kubernetes.secrets`.")
     service_account: str | None = Field(None, description="Service account of the training pods; null: the "
                                                            "namespace default.")
+    secrets: list[SecretEnv] = Field(
+        default_factory=list, description="Secrets for the training pods only (e.g. their own MLflow user); an "
+                                          "entry replaces the kubernetes.secrets entry of the same name.")
     termination_grace_seconds: int = Field(
         300, gt=0, description="Time a pod gets between SIGTERM (preemption, eviction) and SIGKILL: enough to "
                                "write one checkpoint.")

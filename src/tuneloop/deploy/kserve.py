@@ -51,6 +51,7 @@ def inference_service(cfg: RunConfig, version: str, adapter_uri: str, canary_per
     predictor: dict[str, Any] = {
         "labels": {**cfg.kubernetes.pod_labels, "app.kubernetes.io/component": "serving"},  # NetworkPolicies
         "serviceAccountName": k.service_account,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},  # PSS restricted
         "minReplicas": k.min_replicas,
         "maxReplicas": k.max_replicas,
         "model": {
@@ -59,6 +60,7 @@ def inference_service(cfg: RunConfig, version: str, adapter_uri: str, canary_per
             "args": [f"--model_name={name}", f"--model_dir={BASE_MOUNT}", "--backend=vllm", "--enable-lora",
                      f"--lora-modules={name}-v{version}={ADAPTER_MOUNT}", f"--max-lora-rank={cfg.train.lora.r}"],
             "resources": k.resources.container_resources(0),
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         },
         "storageUris": [{"uri": k.base_model_uri, "mountPath": BASE_MOUNT},
                         {"uri": adapter_uri, "mountPath": ADAPTER_MOUNT}],

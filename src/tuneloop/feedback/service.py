@@ -68,23 +68,33 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+_DECODER = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant)  # one, not one per request
+
+
 async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
-    """The body as JSON, read as a stream: Problem(413) once it passes `limit` bytes (before reading any
-    of it when Content-Length says so), Problem(400) when it is not JSON (NaN, Infinity and numbers
-    out of float range included)."""
+    """The body as JSON (UTF-8): Problem(413) past `limit` bytes, Problem(400) when it is not JSON (NaN,
+    Infinity and numbers out of float range included). A Content-Length over the limit is refused
+    before any of the body is read; one within it bounds what the server delivers (HTTP framing), so
+    the body is read at once. Without one (chunked), the body is read as a stream and refused as soon
+    as it passes the limit: memory never holds more than limit + one chunk."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise Problem(400, "invalid Content-Length")
         if int(declared) > limit:
             raise Problem(413, f"body is {int(declared)} bytes; the limit is {limit}")
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise Problem(413, f"body is over {limit} bytes; the limit is {limit}")
+        raw = await request.body()
+    else:
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise Problem(413, f"body is over {limit} bytes; the limit is {limit}")
+        raw = bytes(buf)
+    if len(raw) > limit:
+        raise Problem(413, f"body is {len(raw)} bytes; the limit is {limit}")
     try:
-        return json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
+        return _DECODER.decode(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise Problem(400, f"malformed JSON: {e}") from None
 

@@ -44,8 +44,9 @@ def container_env(cfg: RunConfig) -> list[dict[str, Any]]:
     if c.gpus_per_node(cfg.train.nproc_per_node) == 0:
         env["DS_ACCELERATOR"] = "cpu"
     out: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in env.items()]
-    out += [{"name": s.name, "valueFrom": {"secretKeyRef": {"name": s.secret, "key": s.key}}}
-            for s in cfg.kubernetes.secrets]
+    own = {s.name: s for s in c.secrets}  # the training pods' own entries win over the shared ones
+    secrets = [own.pop(s.name, s) for s in cfg.kubernetes.secrets] + list(own.values())
+    out += [{"name": s.name, "valueFrom": {"secretKeyRef": {"name": s.secret, "key": s.key}}} for s in secrets]
     return out
 
 
