@@ -22,7 +22,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;8.6;8.9;9.0
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU wheel: an unpinned torch would pull a multi-GB CUDA build
@@ -81,7 +81,7 @@ bench-train: $(STAMP)  ## training throughput: tuneloop vs TRL defaults, CPU tin
 	$(PY) bench/train_throughput.py
 
 bench-data: $(STAMP)  ## data plane: 1M records ingest+PII+dedup+validation (records_per_s=...), near-dup 10k/100k
-	$(PY) bench/data_throughput.py --records 1000000
+	$(PY) bench/data_throughput.py --records 1000000 --repeats 1
 	$(PY) bench/near_dup.py
 
 clean:  ## remove the local state (MLflow store, feedback, model cache) - not the venv

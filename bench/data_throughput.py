@@ -29,7 +29,10 @@ Then, pinned to one CPU core, for each corpus:
      with PII scrubbing on and off, `--repeats` times each (runs interleaved, so a change in the machine's
      load hits every configuration alike). Each figure is the median of the repeats, with min-max.
 
-Memory is sampled every 0.2 s during each run (its peak is the largest sample). The last line is
+Memory is sampled every 0.2 s during each run (its peak is the largest sample). A 1M-record run takes
+2-4 minutes on the 2-core build machine, so the default (2 corpora x PII on/off x 3 repeats) about an
+hour; `--records 20000` is a quick look (fixed costs, Presidio's set-up and the validation suite's,
+weigh more there). The last line is
 `records_per_s=<synthetic> real_records_per_s=<real> peak_rss_mb=<M>`: the two medians with PII on, and
 the process's peak resident memory over everything above.
 """
@@ -235,7 +238,7 @@ def pii_sample(cfg: Any, data: Path, n: int) -> str:
     for s in (full, gated):
         s.load()
         s.scrub("warm up a@b.com 030 123456 www.example.org")
-    presidio = getattr(full, "reference", full.analyze)  # Presidio as configured, no shortcut
+    presidio = getattr(full, "reference", full.analyze)  # Presidio as configured, no shortcut (older pii.py: analyze)
     t = time.perf_counter()
     for s in sample:
         presidio(s)
@@ -248,7 +251,7 @@ def pii_sample(cfg: Any, data: Path, n: int) -> str:
     after = gated.report()
     share = (after["texts_analyzed"] - before["texts_analyzed"]) / len(sample)
     why = {k: v - before.get("texts_analyzed_for", {}).get(k, 0)
-           for k, v in after.get("texts_analyzed_for", {}).items()}  # absent before this change to pii.py
+           for k, v in after.get("texts_analyzed_for", {}).items()}  # (older pii.py: not counted)
     why = {k: v for k, v in sorted(why.items(), key=lambda kv: -kv[1]) if v > 0}
     return (f"PII on {len(sample)} prompts: Presidio on every text {t_full * 1e3:.2f} ms/text, the scrubber "
             f"{t_gated * 1e3:.3f} ms/text ({t_full / t_gated:.1f}x); {share:.1%} of them went to Presidio; "
@@ -272,7 +275,8 @@ def measured_run(cfg: Any, work: Path, records: int) -> dict[str, Any]:
     sampler.join()
     shutil.rmtree(out, ignore_errors=True)
     pii = rep["pii"]
-    return {"rate": records / (t2 - t0), "cpu_rate": records / (c2 - c0), "ingest_s": t1 - t0, "validate_s": t2 - t1, "passed": val["passed"],
+    return {"rate": records / (t2 - t0), "cpu_rate": records / (c2 - c0), "ingest_s": t1 - t0,
+            "validate_s": t2 - t1, "passed": val["passed"],
             "presidio_share": pii["texts_analyzed"] / pii["texts_seen"] if pii["texts_seen"] else None,
             "peak_mb": max((r for _, r in sampler.samples), default=0.0), "accepted": rep["accepted"],
             "quarantined": rep["quarantined"], "entities": pii["entities"]}
@@ -351,15 +355,17 @@ def main() -> None:
                 r = measured_run(cfgs[pii], work, args.records)
                 runs.setdefault((name, pii), []).append(r)
                 print(f"  run {rep + 1} {name:9s} PII {'on ' if pii else 'off'}: {r['rate']:8,.0f} records/s "
-                      f"({r['cpu_rate']:,.0f} per CPU second; ingest {r['ingest_s']:.1f} s, validate {r['validate_s']:.1f} s, passed={r['passed']}), "
+                      f"({r['cpu_rate']:,.0f} per CPU second; ingest {r['ingest_s']:.1f} s, validate "
+                      f"{r['validate_s']:.1f} s, passed={r['passed']}), "
                       f"accepted {r['accepted']}, quarantined {r['quarantined']}, peak {r['peak_mb']:.0f} MiB"
                       + (f"; {r['presidio_share']:.1%} of texts (prompts and answers) to Presidio, replaced "
                          f"{r['entities']}" if pii else ""))
-    print("\nmedians (min-max) of the runs; records/s is wall-clock on the pinned core, per CPU second is the same\n"
-          "work over the process's CPU time (what the core gives when nothing else runs on it); 'to Presidio' is\n"
-          "the share of texts (prompts and answers) the pre-filter did not clear")
+    print("\nmedians (min-max) of the runs; records/s is wall-clock on the pinned core; per CPU second divides by the\n"
+          "process's CPU time instead: far above records/s, other work shared the core and every figure is low;\n"
+          "'to Presidio' is the share of texts (prompts and answers) the pre-filter did not clear")
     cols = [("records/s", "rate", ",.0f"), ("per CPU second", "cpu_rate", ",.0f"), ("ingest s", "ingest_s", ".1f"),
-            ("validate s", "validate_s", ".1f"), ("to Presidio", "presidio_share", ".1%"), ("peak RSS MiB", "peak_mb", ".0f")]
+            ("validate s", "validate_s", ".1f"), ("to Presidio", "presidio_share", ".1%"),
+            ("peak RSS MiB", "peak_mb", ".0f")]
     rows = [["corpus", "PII", *(c[0] for c in cols)]]
     for (name, pii), rs in runs.items():
         rows.append([name, "on" if pii else "off",

@@ -48,7 +48,8 @@ def real_texts() -> tuple[str, ...]:
            for line in (data / "sms-spam.csv").read_text(encoding="utf-8").splitlines()[1:]]
     rng = random.Random(11)
     hard = re.compile(r"[@.\d]")
-    return tuple(rng.sample([t for t in tweets if hard.search(t)], 200) + rng.sample([t for t in sms if hard.search(t)], 200))
+    return tuple(rng.sample([t for t in tweets if hard.search(t)], 200)
+                 + rng.sample([t for t in sms if hard.search(t)], 200))
 
 
 def _luhn_complete(prefix: str, length: int, rng: random.Random) -> str:
@@ -138,7 +139,8 @@ def corpus() -> list[str]:
               "(www.e.co.uk), <http://f.de/a.b.c>; g.org,h.net;i.info", "x\u00a0www.j.com\u2003k.org\u3000l.net",
               "m.com\x1cn.org\x1fo.net", "e.g. holiday..so then www.p.com" + " filler" * 40 + " and q.org.",
               "mail x@y.com or go to http://y.com", "a" * 300 + ".com", "foo..com bar.-com -.org", "a.b", "wife.how",
-              "tab\twww.r.com\nnewline s.org\r\nend", "URLs: HTTPS://T.COM/ABC WWW.U.ORG", "“www.v.com” ‘w.org’"]
+              "tab\twww.r.com\nnewline s.org\r\nend", "URLs: HTTPS://T.COM/ABC WWW.U.ORG",
+              "“www.v.com” ‘w.org’"]
     # near misses: digits, dots, colons, letters+digits that are not PII
     near = ["It costs 24.99 each, 34.99 with tax.", "Order #48213 arrived on 2026-03-14.", "Version 1.2.3 is out.",
             "Meet at 10:30, room 4.12.", "Pi is 3.14159.", "Ratio 16:9 screens", "std::vector<int> v;",

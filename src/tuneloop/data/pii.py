@@ -38,9 +38,10 @@ Presidio then gets precomputed, empty NLP artifacts (`AnalyzerEngine.analyze(nlp
 and its recognizers decide exactly as before; its URL recognizer (four 6,000-character regexes
 tried at every position) reads only the whitespace-delimited tokens around the URL candidates,
 which hold every match it can make (URL_SKELETONS). A test compares this path with Presidio's own,
-result by result and score by score, over both corpora. With a trained pipeline (`nlp_model`), lemmas exist, context can raise a score over the threshold, and
-every analysed text goes through spaCy. With an NLP-based entity (PERSON) there is no cheap
-condition at all: every text goes to Presidio.
+result by result and score by score, over both corpora. With a trained pipeline (`nlp_model`),
+lemmas exist, context can raise a score over the threshold, and every analysed text goes through
+spaCy. With an NLP-based entity (PERSON) there is no cheap condition at all: every text goes to
+Presidio.
 
 tldextract (used by the email recognizer) is pinned to its bundled public-suffix snapshot:
 nothing is downloaded.
