@@ -34,7 +34,8 @@ def _served(c: TestClient, h: dict, ce_id: str, prompt: Any = "where is my parce
     ev = {"ce-id": ce_id, **h["kserve"]}
     c.post("/v1/kserve-events", params={"version": "3", "variant": "champion"}, headers={**ev, "ce-type": REQ},
            json={"messages": [{"role": "user", "content": prompt}], "user": user}).raise_for_status()
-    r = c.post("/v1/kserve-events", headers={**ev, "ce-type": RESP}, json={"choices": [{"message": {"content": answer}}]})
+    r = c.post("/v1/kserve-events", headers={**ev, "ce-type": RESP},
+               json={"choices": [{"message": {"content": answer}}]})
     assert r.json() == {"status": "recorded"}, r.text
 
 
@@ -103,7 +104,8 @@ def test_reviewed_policy_trusts_only_what_an_admin_reviewed(tmp_path, monkeypatc
     assert r.json() == {"status": "reviewed", "changed": 1}
     assert [s["response"] for s in feedback_to_training(store.rows())[0]] == ["shipping"]
     assert c.get("/admin/corrections", headers=h["ops"]).json()["corrections"] == []
-    assert c.post("/admin/corrections/review", json={"ids": "all", "trusted": True}, headers=h["ops"]).status_code == 400
+    r = c.post("/admin/corrections/review", json={"ids": "all", "trusted": True}, headers=h["ops"])
+    assert r.status_code == 400
 
 
 def test_all_policy_trusts_every_correction(tmp_path, monkeypatch):
@@ -146,7 +148,8 @@ def test_waiting_halves_are_bounded_by_age_and_bytes_and_counted(tmp_path, monke
     assert store.halves_expired == 1 and store.halves_evicted == 2 and store.halves_pending == 3
     assert store.halves_pending_bytes <= 3 * 1100
     metrics = c.get("/metrics").text
-    assert "tuneloop_kserve_halves_expired_total 1.0" in metrics and "tuneloop_kserve_halves_evicted_total 2.0" in metrics
+    assert "tuneloop_kserve_halves_expired_total 1.0" in metrics
+    assert "tuneloop_kserve_halves_evicted_total 2.0" in metrics
     # the newest survive: their requests still pair
     r = c.post("/v1/kserve-events", headers={"ce-id": "n4", "ce-type": REQ, **h["kserve"]},
                json={"messages": [{"role": "user", "content": "q"}]})

@@ -102,3 +102,12 @@ def test_promotion_drops_the_canary_percent(cfg):  # noqa: ANN001
     api = RecordedApi([])
     kserve.KServe(api).set_canary_percent("tiny-model", "ml", None)
     assert api.calls == [("patch", "tiny-model", {"spec": {"predictor": {"canaryTrafficPercent": None}}})]
+
+
+def test_the_payload_logger_carries_the_events_token_from_the_environment(cfg, monkeypatch):  # noqa: ANN001
+    monkeypatch.delenv("TUNELOOP_EVENTS_TOKEN", raising=False)
+    url = kserve.inference_service(cfg, "7", "s3://a", None)["spec"]["predictor"]["logger"]["url"]
+    assert "access_token" not in url
+    monkeypatch.setenv("TUNELOOP_EVENTS_TOKEN", "tl_evt_abc")
+    url = kserve.inference_service(cfg, "7", "s3://a", 10)["spec"]["predictor"]["logger"]["url"]
+    assert url.endswith("?version=7&variant=canary&access_token=tl_evt_abc")

@@ -182,6 +182,12 @@ The run config as stored in the ConfigMap, wired to this release where runConfig
 {{- $secrets = append $secrets (dict "name" $env "secret" $v.feedback.database.existingSecret "key" $v.feedback.database.urlKey) -}}
 {{- end -}}
 {{- end -}}
+{{- if and $v.feedback.enabled $v.feedback.auth.existingSecret (eq (get $deploy "backend") "kserve") -}}
+{{- $tokenEnv := default "TUNELOOP_EVENTS_TOKEN" (dig "kserve" "events_token_env" "" $deploy) -}}
+{{- if not (has $tokenEnv $names) -}}
+{{- $secrets = append $secrets (dict "name" $tokenEnv "secret" $v.feedback.auth.existingSecret "key" $v.feedback.auth.eventsTokenKey) -}}
+{{- end -}}
+{{- end -}}
 {{- $_ := set $k8s "secrets" $secrets -}}
 {{- if not (hasKey $k8s "pod_labels") -}}
 {{- $_ := set $k8s "pod_labels" (include "tuneloop.selectorLabels" . | fromYaml) -}}

@@ -48,6 +48,11 @@ class KServeConfig(_Strict):
     service_account: str = Field("tuneloop-serving", description="Service account with access to the storage.")
     feedback_url: str | None = Field(
         None, description="Feedback service base URL; each revision's payload logger posts there.")
+    events_token_env: str | None = Field(
+        "TUNELOOP_EVENTS_TOKEN", description="Environment variable (set from a Secret) holding an API key with scope "
+                                             "`events` only: KServe's payload logger cannot send headers, so the key "
+                                             "goes into the logger URL (`access_token=`) and so into the "
+                                             "InferenceService object; keep it to that one scope. null: no token.")
     min_replicas: int = Field(1, ge=0, description="Minimum predictor replicas.")
     max_replicas: int = Field(2, ge=1, description="Maximum predictor replicas.")
     resources: PredictorResources = Field(

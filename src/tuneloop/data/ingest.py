@@ -470,7 +470,8 @@ def ingest(cfg: DataConfig, formatter: ChatFormatter | None, out: Path,
     ing.add_all("eval_preference", [s for s in cfg.eval if s.kind == "preference"], writers["eval_preference"])
     ing.add_all("sft", [s for s in cfg.sources if s.kind != "preference"], writers["sft"])
     ing.add_all("preference", [s for s in cfg.sources if s.kind == "preference"], writers["preference"])
-    fb_counts = {"rows": 0, "sft": 0, "preference": 0, "no_pair_empty_output": 0}
+    fb_counts = {"rows": 0, "sft": 0, "preference": 0, "no_pair_empty_output": 0, "corrections_trusted": 0,
+                 "corrections_untrusted": 0}
     if feedback_rows:
         from tuneloop.data.feedback import feedback_to_training
 

@@ -14,6 +14,7 @@ against recorded API answers. Not verified here: a live cluster, the runtime's f
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from typing import Any
@@ -68,8 +69,14 @@ def inference_service(cfg: RunConfig, version: str, adapter_uri: str, canary_per
     if canary_percent is not None:
         predictor["canaryTrafficPercent"] = canary_percent
     if k.feedback_url:
-        predictor["logger"] = {"mode": "all", "url": f"{k.feedback_url.rstrip('/')}/v1/kserve-events"
-                                                     f"?version={version}&variant={variant}"}
+        url = f"{k.feedback_url.rstrip('/')}/v1/kserve-events?version={version}&variant={variant}"
+        token = os.environ.get(k.events_token_env) if k.events_token_env else None
+        if token:  # KServe's logger sends no headers: the events-only key rides in the URL
+            url += f"&access_token={token}"
+        elif k.events_token_env:
+            log.warning("deploy.kserve.events_token_env: %s is not set; the feedback service will refuse the "
+                        "payload logger's events (401)", k.events_token_env)
+        predictor["logger"] = {"mode": "all", "url": url}
     predictor.update(k.resources.placement())
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceService",
             "metadata": {"name": name, "namespace": cfg.kubernetes.namespace,

@@ -248,7 +248,8 @@ class FeedbackStore:
         out = []
         for f in batch:
             try:
-                out.append({**f, "prompt": self._scrub(f.get("prompt")) or "", "output": self._scrub(f.get("output")) or ""})
+                out.append({**f, "prompt": self._scrub(f.get("prompt")) or "",
+                            "output": self._scrub(f.get("output")) or ""})
             except Exception as e:  # noqa: BLE001 - one bad row must not cost the others
                 self.scrub_failed += 1
                 log.error("request log: request %s not stored: scrubbing failed: %s: %s",
