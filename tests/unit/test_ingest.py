@@ -194,7 +194,8 @@ def test_report_counts_add_up(result: dict[str, Any]) -> None:
     assert rep["per_reason"]["exact duplicate"] == 1  # grouped, not one key per duplicated id
     assert rep["per_reason"]["malformed JSON"] == 1 and rep["per_reason"]["oversized line"] == 1
     assert rep["per_reason"]["missing field `response`"] == 3  # row 6 and the two CSV rows
-    assert rep["feedback"] == {"rows": 0, "sft": 0, "preference": 0, "no_pair_empty_output": 0}
+    assert rep["feedback"] == {"rows": 0, "sft": 0, "preference": 0, "no_pair_empty_output": 0,
+                              "corrections_trusted": 0, "corrections_untrusted": 0}
 
 
 def test_accepted_records_are_rendered_with_the_chat_template(result: dict[str, Any]) -> None:
