@@ -183,3 +183,13 @@ def test_feedback_score_conversions(body: dict[str, Any], score: float | None) -
 def test_feedback_score_refusals(body: dict[str, Any], needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         feedback_score(body)
+
+
+def test_latency_is_not_judged_on_a_handful_of_requests(tmp_path):
+    cfg = load_config(tiny_config(tmp_path, Path("/nonexistent-model"), deploy__canary__max_p95_latency_ratio=2.0))
+    few = side("champion", 6, latency=5.0) + side("canary", 6, latency=5.0)
+    few[-1]["latency_ms"] = 400.0  # one stall on the canary side
+    c = checks(compare(few, cfg))
+    assert c["p95_latency"]["passed"] and "not enough answered requests" in c["p95_latency"]["detail"]
+    many = side("champion", 40, latency=5.0) + side("canary", 40, latency=50.0)
+    assert checks(compare(many, cfg))["p95_latency"]["passed"] is False

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tuneloop.config import PiiConfig
-from tuneloop.data import pii
+from tuneloop.data import pii, pii_gate
 
 pytestmark = pytest.mark.unit
 
@@ -198,18 +198,18 @@ def test_prefilter_clears_ordinary_prose(scrubber: pii.PiiScrubber) -> None:
 def test_gate_was_derived_from_these_patterns() -> None:
     """If this fails, Presidio changed a recognizer: re-derive the pre-filter and the URL shortcut (pii.py
     docstring, URL_SKELETONS), then update RECOGNIZER_FINGERPRINT."""
-    assert pii.patterns_fingerprint() == pii.RECOGNIZER_FINGERPRINT
-    url = pii.recognizer_patterns()["URL"][0]
+    assert pii_gate.patterns_fingerprint() == pii_gate.RECOGNIZER_FINGERPRINT
+    url = pii_gate.recognizer_patterns()["URL"][0]
     tlds = re.findall(r"\(\?:([^()|]+)\)", url.split("[.](?:", 1)[1])
     assert len(tlds) > 100 and all(t[0].isalpha() for t in tlds), "the loose URL test assumes TLDs start with a letter"
-    exact = pii.url_tld_regex()  # None if the URL patterns are not the ones in URL_SKELETONS
+    exact = pii_gate.url_tld_regex()  # None if the URL patterns are not the ones in URL_SKELETONS
     assert exact is not None and exact.search("go to www.example.co.uk") and not exact.search("U.S. 13.2 e.g.")
 
 
 def test_min_phone_digits_follows_the_regions() -> None:
-    assert pii.min_phone_digits(["US"]) == 5  # +CC numbers of any region: 1 + the shortest (4)
-    assert pii.min_phone_digits(["DE", "US"]) == 4
-    assert pii.min_phone_digits(PiiConfig().phone_regions) == 4
+    assert pii_gate.min_phone_digits(["US"]) == 5  # +CC numbers of any region: 1 + the shortest (4)
+    assert pii_gate.min_phone_digits(["DE", "US"]) == 4
+    assert pii_gate.min_phone_digits(PiiConfig().phone_regions) == 4
 
 
 def test_scrub_replaces_every_entity_and_counts(scrubber: pii.PiiScrubber) -> None:
@@ -253,7 +253,7 @@ def test_person_needs_an_nlp_model_and_disables_the_gate() -> None:
     with pytest.raises(ValueError, match="PERSON needs a trained spaCy model"):
         PiiConfig(entities=["EMAIL_ADDRESS", "PERSON"])
     cfg = PiiConfig(entities=["EMAIL_ADDRESS", "PERSON"], nlp_model="en_core_web_lg")
-    assert pii.build_gate(cfg) is None  # names have no cheap necessary condition: everything is analysed
+    assert pii_gate.build_gate(cfg) is None  # names have no cheap necessary condition: everything is analysed
     assert pii.PiiScrubber(cfg).needs_analysis("no digits, no at sign")
 
 

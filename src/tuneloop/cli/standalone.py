@@ -93,7 +93,7 @@ def ingest(
     """Check, scrub and deduplicate record files on their own (no config, no MLflow).
 
     Exit 0 when the data was processed, even with quarantined records; 1 with a one-line error when an input cannot be read at all (missing file, unknown or broken format, not in --encoding)."""
-    from tuneloop.data.ingest import ingest_paths
+    from tuneloop.data.ingest_files import ingest_paths
     from tuneloop.data.readers import SourceError
 
     if kind not in ("auto", "sft", "preference", "classification"):

@@ -29,6 +29,9 @@ class CanaryConfig(_Strict):
         0.05, ge=0, le=1, description="Roll back if canary error rate exceeds the champion's by more than this.")
     max_p95_latency_ratio: float = Field(
         2.0, gt=0, description="Roll back if canary p95 latency exceeds the champion's times this.")
+    min_latency_requests: int = Field(
+        20, ge=1, description="Answered requests each side needs before latency is compared: with fewer, the p95 "
+                              "is the slowest request, and one scheduling stall would decide the rollout.")
     min_feedback_delta: float = Field(
         -0.1, description="Roll back if canary mean feedback score minus the champion's is below this (one-sided "
                           "Welch test at `alpha` when both sides have enough feedback).")

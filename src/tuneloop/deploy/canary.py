@@ -163,7 +163,12 @@ def compare(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
         checks.append({"check": "error_rate", "passed": not (worse and p_err < c.alpha),
                        "detail": f"canary {ca['error_rate']:.3f} vs champion {ch['error_rate']:.3f}, "
                                  f"allowed +{c.max_error_rate_increase}, Fisher p={p_err:.3g}"})
-        if ch["p95_latency_ms"] > 0 and ca["p95_latency_ms"] > 0:
+        ok_ca, ok_ch = ca["requests"] - ca["errors"], ch["requests"] - ch["errors"]
+        if min(ok_ca, ok_ch) < c.min_latency_requests:  # a p95 of a handful of values is their maximum: one stall
+            checks.append({"check": "p95_latency", "passed": True,
+                           "detail": f"not enough answered requests to compare latency (canary {ok_ca}, champion "
+                                     f"{ok_ch}, need {c.min_latency_requests} each)"})
+        elif ch["p95_latency_ms"] > 0 and ca["p95_latency_ms"] > 0:
             ratio = ca["p95_latency_ms"] / ch["p95_latency_ms"]
             checks.append({"check": "p95_latency", "passed": ratio <= c.max_p95_latency_ratio,
                            "detail": f"canary {ca['p95_latency_ms']:.0f} ms vs champion "

@@ -143,7 +143,7 @@ def evaluate_paths(candidate: Path, champion: Path | None, data: list[str], gate
 
     from tuneloop.config import ConfigError
     from tuneloop.data.formatting import ChatFormatter
-    from tuneloop.data.ingest import format_eval_set
+    from tuneloop.data.ingest_files import format_eval_set
 
     try:
         cfg = EvaluateConfig.model_validate(yaml.safe_load(gates_file.read_text(encoding="utf-8")))
