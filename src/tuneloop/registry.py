@@ -253,13 +253,25 @@ class Registry:
         return mv
 
     def set_alias(self, alias: str, version: str) -> None:
-        self.client.set_registered_model_alias(self.name, alias, version)
+        """Point an alias at a version and check that it does (idempotent: a retry sets the same)."""
+        self.client.set_registered_model_alias(self.name, alias, str(version))
+        now = self.alias_version(alias)
+        if now is None or str(now.version) != str(version):
+            raise RuntimeError(f"registry: alias {alias!r} of {self.name} reads "
+                               f"{'nothing' if now is None else 'v' + str(now.version)} after moving it to v{version}")
 
     def delete_alias(self, alias: str) -> None:
+        """Remove an alias; one that is already gone is fine (a retry), any other error is raised, and
+        the alias is checked to be gone."""
         from mlflow.exceptions import MlflowException
 
-        with contextlib.suppress(MlflowException):
+        try:
             self.client.delete_registered_model_alias(self.name, alias)
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+        if self.alias_version(alias) is not None:
+            raise RuntimeError(f"registry: alias {alias!r} of {self.name} is still set after deleting it")
 
     def aliases(self) -> dict[str, str]:
         out = {}

@@ -42,3 +42,26 @@ def test_a_failed_run_rolls_back_its_canary_and_says_where_it_failed(tmp_path, t
     # a run that reached its decision is left alone
     assert finalize_stage(cfg, "kfp-run-7", "SUCCEEDED")["outcome"].startswith("failed at analyze_canary")
     assert finalize_stage(cfg, "never-started", "FAILED")["outcome"] == "FAILED: no MLflow run was opened"
+
+
+def test_a_retried_promote_keeps_the_rollback_target(tmp_path, tiny_model_dir, monkeypatch):
+    """On the sqlite registry versions come back as int: a retry of `promote v2` (v2 is champion already)
+    compared int 2 with "2" and moved `previous` onto v2 itself. Serving is replaced by a recorder here;
+    test_canary_e2e drives promotion through a real gateway."""
+    from tuneloop.deploy import canary
+    from tuneloop.registry import Registry
+
+    cfg = load_config(tiny_config(tmp_path, tiny_model_dir))
+    reg = Registry(cfg)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    v1, v2 = register_version(reg, adapter, "run-1"), register_version(reg, adapter, "run-2")
+    applied: list[str] = []
+    monkeypatch.setattr(canary, "_apply", lambda cfg, step, version, champion=None: applied.append(step) or {})
+    canary.promote(cfg, v1)
+    reg.set_alias("canary", v2)
+    assert canary.promote(cfg, v2)["previous"] == v1
+    assert canary.promote(cfg, v2)["previous"] == v1  # the retry
+    assert reg.aliases()["previous"] == v1 and reg.aliases()["champion"] == v2
+    reg.delete_alias("canary")  # already gone: fine

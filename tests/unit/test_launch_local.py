@@ -109,17 +109,42 @@ def test_a_rank_killed_by_the_kernel_is_reported_as_out_of_memory_and_not_retrie
 
     def killed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         calls.append(1)
-        raise local.OutOfMemory(f"sft: rank 1 was killed by the kernel (SIGKILL), likely out of memory; "
+        raise local.OutOfMemory(f"sft: rank 1 was killed by the kernel's out-of-memory killer (SIGKILL); "
                                 f"{local.oom_advice(spec)}")
 
     monkeypatch.setattr(L, "launch_local", killed)
-    with pytest.raises(local.OutOfMemory, match="likely out of memory; estimated peak .* GiB per process"):
+    with pytest.raises(local.OutOfMemory, match="out-of-memory killer .*; estimated peak .* GiB per process"):
         L.launch(cfg, spec, "r1")
     with pytest.raises(local.OutOfMemory, match="not retried: an earlier attempt .* same training settings"):
         L.launch(cfg, spec, "r1")  # the task's retry: refused before anything starts
     assert len(calls) == 1
     smaller = L.build_spec(load_config(tiny_config(tmp_path, tiny_model_dir, train__sft__per_device_batch_size=1)),
                            "sft", tiny_model_dir, tmp_path / "d.jsonl", tmp_path / "out", pipeline_run="r1")
-    with pytest.raises(local.OutOfMemory, match="likely out of memory"):  # other settings: tried again
+    with pytest.raises(local.OutOfMemory, match="out-of-memory killer"):  # other settings: tried again
         L.launch(cfg, smaller, "r1")
     assert len(calls) == 2
+
+
+def test_a_sigkill_without_an_oom_kill_is_not_taken_for_one(tmp_path, monkeypatch):
+    """The launcher reads the kernel's OOM-kill count around the run: a rank killed from outside (an operator,
+    the resume test) while the count stayed put is a plain failure, and a rerun may resume."""
+    import subprocess
+    import sys
+
+    from tuneloop.train.spec import JobSpec
+
+    script = tmp_path / "fake_torchrun.py"
+    script.write_text("import sys\nprint('\\n'.join(sys.argv[1:2]))\n" + "".join(
+        f"print({line!r})\n" for line in KILLED) + "sys.exit(1)\n")
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(local.subprocess, "Popen", lambda cmd, **kw: real_popen([sys.executable, str(script)], **kw))
+    monkeypatch.setattr(local, "check_host", lambda spec: None)
+    spec = JobSpec(stage="sft", base_model_dir=str(tmp_path), data_path="d.jsonl", output_dir=str(tmp_path / "o"))
+    counts = iter([3, 3])
+    monkeypatch.setattr(local, "oom_kills", lambda: next(counts))
+    with pytest.raises(local.TrainingFailed, match="was killed .SIGKILL. from outside") as e:
+        local.launch_local(spec, 2, tmp_path, 60)
+    assert not isinstance(e.value, local.OutOfMemory)
+    counts = iter([3, 4])  # the kernel counted an OOM kill meanwhile
+    with pytest.raises(local.OutOfMemory, match="out-of-memory killer"):
+        local.launch_local(spec, 2, tmp_path, 60)

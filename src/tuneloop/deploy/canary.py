@@ -210,14 +210,16 @@ def analyze_canary(cfg: RunConfig, deployed_at: float) -> dict[str, Any]:
 def promote(cfg: RunConfig, version: str) -> dict[str, Any]:
     reg = Registry(cfg)
     old = reg.alias_version("champion")
-    if old is not None and old.version != version:
-        reg.set_alias("previous", old.version)
+    if old is not None and str(old.version) != str(version):  # a retried promote: v2 is champion already
+        reg.set_alias("previous", str(old.version))
     reg.set_alias("champion", version)
     reg.delete_alias(cfg.deploy.canary.mode)
     reg.delete_alias("challenger")
     reg.set_version_tag(version, "tuneloop.promoted_at", str(int(time.time())))
     state = _apply(cfg, "promote", version)
-    return {"action": "promote", "version": version, "previous": old.version if old else None, "gateway": state}
+    previous = reg.alias_version("previous")
+    return {"action": "promote", "version": version, "previous": str(previous.version) if previous else None,
+            "gateway": state}
 
 
 def rollback(cfg: RunConfig, version: str) -> dict[str, Any]:

@@ -48,8 +48,19 @@ class WorkerCrashed(TrainingFailed):
 
 
 class OutOfMemory(TrainingFailed):
-    """A rank was killed by the kernel (SIGKILL with no stop asked for): the host ran out of memory.
-    Not transient: the same settings would be killed again."""
+    """A rank was killed by the kernel's out-of-memory killer (a SIGKILL while the kernel's OOM-kill count
+    rose): the host ran out of memory. Not transient: the same settings would be killed again."""
+
+
+def oom_kills() -> int:
+    """The kernel's count of out-of-memory kills (/proc/vmstat, Linux >= 4.13); -1 where it cannot be read."""
+    try:
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return -1
 
 
 def oom_advice(spec: JobSpec) -> str:
@@ -132,6 +143,7 @@ def launch_local(spec: JobSpec, nproc: int, state_dir: Path, timeout_s: float,
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec_path = spec.write(out / "job_spec.json")
+    ooms_before = oom_kills()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            f"--shutdown_timeout={grace_s}", "-m", f"tuneloop.train.{spec.stage}", str(spec_path)]
     log.info("launching %s: %s", spec.stage, " ".join(cmd[2:]))
@@ -172,9 +184,13 @@ def launch_local(spec: JobSpec, nproc: int, state_dir: Path, timeout_s: float,
                         f"{spec.checkpoint_dir} is resumed by a rerun")
     if rc != 0:
         message = f"{spec.stage} worker exited with {rc}; last lines:\n" + "\n".join(tail)
-        if killed_rank(list(tail)) is not None:
-            raise OutOfMemory(f"{spec.stage}: rank {killed_rank(list(tail))} was killed by the kernel (SIGKILL), "
-                              f"likely out of memory; {oom_advice(spec)}\n{message}")
+        killed = killed_rank(list(tail))
+        if killed is not None and oom_kills() > ooms_before:
+            raise OutOfMemory(f"{spec.stage}: rank {killed} was killed by the kernel's out-of-memory killer "
+                              f"(SIGKILL); {oom_advice(spec)}\n{message}")
+        if killed is not None:  # no OOM kill counted: an operator, the node, a test - a rerun may resume
+            raise TrainingFailed(f"{spec.stage}: rank {killed} was killed (SIGKILL) from outside; if the host ran "
+                                 f"out of memory: {oom_advice(spec)}\n{message}")
         crashed = crash_signal(list(tail))
         raise WorkerCrashed(message, crashed) if crashed else TrainingFailed(message)
     return read_result(spec)
