@@ -64,7 +64,8 @@ def test_a_real_data_set_goes_through_the_whole_pipeline(tmp_path: Path, tiny_mo
               "encoding": "auto"}
     cfg = load_config(tiny_config(
         tmp_path, tiny_model_dir,
-        data__sources=[{"path": "data/sms_train.csv", **source}],  # no preference data: dpo passes the adapter on
+        data__sources=[{"path": "data/sms_train.csv", **source}],
+        train__dpo__enabled=False,  # no preference data here: the dpo stage passes the SFT adapter on
         data__eval=[{"path": "data/sms_eval.csv", **source}],
         data__long_records="truncate_prompt", data__max_quarantine_share=0.5,
         evaluate__slices={"sms_spam": {"task": "classification", "labels": ["0", "1"]}},
@@ -73,6 +74,6 @@ def test_a_real_data_set_goes_through_the_whole_pipeline(tmp_path: Path, tiny_mo
     stages = {s["stage"]: s for s in summary["stages"]}
     assert summary["validation"]["passed"], summary["validation"]["failed"]
     assert {"sft", "dpo", "evaluate"} <= set(stages), summary["stages"]
-    assert stages["sft"]["outcome"].split()[1] == "steps", stages["sft"]
+    assert stages["sft"]["outcome"].split()[1].startswith("steps"), stages["sft"]  # it trained
     assert summary["outcome"] in ("promoted v1", "rolled back v1", "rejected by the evaluation gate"), summary
     assert "sms_spam" in summary["metrics"]["candidate"]
