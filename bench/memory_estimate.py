@@ -45,7 +45,7 @@ def main() -> None:
     from tuneloop.data.ingest import ingest
     from tuneloop.models import materialize_base_model
     from tuneloop.train.launch import build_spec
-    from tuneloop.train.local import launch_local
+    from tuneloop.train.local import OutOfMemory, launch_local
     from tuneloop.train.memory import GiB, ModelShape, estimate
 
     rows = []
@@ -68,8 +68,15 @@ def main() -> None:
             spec = build_spec(cfg, "sft", base, work / "dataset" / "sft.jsonl", work / f"out{i}",
                               pipeline_run=f"mem-{name}-{i}")
             spec.checkpoint_dir = None
-            result = launch_local(spec, cfg.train.nproc_per_node, cfg.state_path, 3600)
+            try:
+                result = launch_local(spec, cfg.train.nproc_per_node, cfg.state_path, 3600)
+            except OutOfMemory as e:  # the kernel killed a rank: the estimate should have refused it
+                print(f"{name:10s} estimate {est.gib:5.2f} GiB  measured: KILLED for memory ({str(e).splitlines()[0]})",
+                      flush=True)
+                break
             measured.append(result["peak_rss_mb"] * 1024 * 1024 / GiB)
+        if not measured:
+            continue
         med = statistics.median(measured)
         rows.append((name, est.gib, med, min(measured), max(measured), med / est.gib))
         print(f"{name:10s} estimate {est.gib:5.2f} GiB  measured {med:5.2f} GiB (min {min(measured):.2f}, "
