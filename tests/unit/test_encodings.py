@@ -240,7 +240,7 @@ def test_only_allowed_schemes_are_read(tmp_path: Path, path: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(raw, "run.yaml")
     (line,) = str(e.value).splitlines()
-    assert line.startswith("run.yaml: data.sources.1.path: ") and "scheme is not allowed" in line
+    assert line.startswith("run.yaml: data.sources[1].path: ") and "scheme is not allowed" in line
 
 
 def test_allowed_schemes_pass_the_config() -> None:

@@ -162,7 +162,7 @@ def test_cli_length_flags(tmp_path: Path, tiny_model_dir: Path) -> None:
     res = run(app, ["ingest", str(src), "--out", str(tmp_path / "o"), "--long-records", "truncate_prompt"])
     assert res.exit_code == 2 and "--long-records needs --max-length" in res.output
     base = ["ingest", str(src), "--out", str(tmp_path / "o"), "--template", TEMPLATE,
-            "--tokenizer", str(tiny_model_dir), "--max-length", "64"]
+            "--tokenizer", str(tiny_model_dir), "--max-length", "64", "--max-quarantine-share", "1"]
     res = run(app, base)
     assert res.exit_code == 0, res.output
     assert "read 2, accepted 1, quarantined 1 (too long for training 1)" in res.output

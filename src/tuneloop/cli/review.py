@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from tuneloop.cli.shared import app, console, fail
+from tuneloop.cli.shared import Group, app, console, fail
 
 review_app = typer.Typer(help="Human review of candidate answers: export a sample, import ratings.",
-                         no_args_is_help=True)
+                         no_args_is_help=True, cls=Group)
 app.add_typer(review_app, name="review")
 
 

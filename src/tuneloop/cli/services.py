@@ -115,8 +115,9 @@ def api_key(
     name: Annotated[str, typer.Argument(help="The key's name (letters, digits, - and _): logged with what it sends.")],
     scopes: Annotated[str, typer.Option(help="Comma-separated: chat, feedback, events, admin, trusted.")] = "feedback",
 ) -> None:
-    """Make an API key: prints the token (hand it to the client; it is not kept anywhere) and the line for
-    the key file or the TUNELOOP_API_KEYS Secret, which holds only the token's sha256."""
+    """Make an API key: print its token and its line for the key file or the TUNELOOP_API_KEYS Secret.
+
+    The token is for the client and is not kept anywhere; the line holds only the token's sha256."""
     from tuneloop.feedback.auth import SCOPES, key_line, new_token
 
     wanted = [s for s in scopes.split(",") if s]

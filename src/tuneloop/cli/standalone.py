@@ -50,10 +50,13 @@ def evaluate(
 
 @app.command()
 def ingest(
-    paths: Annotated[list[str], typer.Argument(help="Files or folders of .jsonl/.csv/.parquet records (folders are "
-                                                    "read recursively), local or s3://bucket/prefix/.")],
+    paths: Annotated[list[str], typer.Argument(metavar="PATHS...", help="Files or folders of .jsonl/.csv/.parquet "
+                                                                        "records (folders are read recursively), "
+                                                                        "local or s3://bucket/prefix/.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: accepted.jsonl, quarantine.jsonl, report.json "
-                                                    "(and eval.jsonl with --eval).")],
+                                                    "(and eval.jsonl with --eval); written next to it and swapped in "
+                                                    "when complete, so an error leaves an earlier output as it was. "
+                                                    "A new folder or an earlier output folder.")],
     eval_: Annotated[list[str] | None, typer.Option(
         "--eval", help="Held-out eval set (repeatable): training records that repeat or nearly repeat one of its "
                        "prompts are quarantined as eval leaks.")] = None,
@@ -89,11 +92,18 @@ def ingest(
     long_records: Annotated[str | None, typer.Option(
         help="With --max-length: quarantine (default) or truncate_prompt (cut the prompt from the left, keep the "
              "whole answer; a record whose answer alone does not fit is quarantined).")] = None,
+    max_quarantine_share: Annotated[float | None, typer.Option(
+        help="Exit 1 when more than this share (0-1) of the records read was quarantined (a binary or JSON-array "
+             "file, a wrong --encoding); the outputs are still written. Default: the default of the run "
+             "config's data.max_quarantine_share, 0.1.")] = None,
 ) -> None:
     """Check, scrub and deduplicate record files on their own (no config, no MLflow).
 
-    Exit 0 when the data was processed, even with quarantined records; 1 with a one-line error when an input cannot be read at all (missing file, unknown or broken format, not in --encoding)."""
-    from tuneloop.data.ingest_files import ingest_paths
+    Exit 0 when the data was processed, even with quarantined records up to --max-quarantine-share; 1 with a
+    one-line error when an input cannot be read at all (missing file, unknown or broken format, not in
+    --encoding; OUT is left as it was) or when more records were quarantined (OUT holds them, with reasons).
+    """
+    from tuneloop.data.ingest_files import OutputFolderError, ingest_paths
     from tuneloop.data.readers import SourceError
 
     if kind not in ("auto", "sft", "preference", "classification"):
@@ -116,6 +126,12 @@ def ingest(
         fail_line("--long-records needs --max-length (and --tokenizer)", 2)
     if max_length is not None and max_length <= 8:
         fail_line(f"--max-length {max_length}: more than 8 tokens", 2)
+    if max_quarantine_share is None:
+        from tuneloop.config import DataConfig
+
+        max_quarantine_share = DataConfig.model_fields["max_quarantine_share"].default
+    if not 0 <= max_quarantine_share <= 1:
+        fail_line(f"--max-quarantine-share {max_quarantine_share}: a share between 0 and 1", 2)
     formatter = None
     if tokenizer is not None:
         formatter = _formatter(tokenizer)
@@ -125,7 +141,6 @@ def ingest(
             from tuneloop.config import template_fields
 
             template_fields(template)
-        out.mkdir(parents=True, exist_ok=True)
         report = ingest_paths(paths, out, eval_paths=eval_ or [], kind=kind, template=template,
                               label_field=label_field, slice_=slice_, fmt=fmt, formatter=formatter, pii=pii,
                               near_threshold=near_dup, max_prompt_chars=max_prompt_chars,
@@ -133,15 +148,37 @@ def ingest(
                               long_records=long_records or "quarantine")
     except SourceError as e:
         fail_line(str(e).splitlines()[0])
+    except OutputFolderError as e:
+        fail_line(f"--out {e}", 2)
     except ValueError as e:  # a template that is not usable
         fail_line(str(e).splitlines()[0], 2)
     except OSError as e:
-        fail_line(f"{out}: {e.strerror or e}")
+        fail_line(f"{e.filename or out}: {e.strerror or e}")
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback; OUT is left as it was
+        logging.getLogger("tuneloop.ingest").debug("ingest failed", exc_info=True)
+        fail_line(f"ingest failed ({type(e).__name__}): {' '.join(str(e).split())}; {out} is left as it was")
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(report["per_reason"].items(), key=lambda kv: -kv[1]))
     cut = report["long_records"]["truncated"]
     typer.echo(f"read {report['read']}, accepted {report['accepted']}, quarantined {report['quarantined']}"
                + (f" ({reasons})" if reasons else "") + (f"; {cut} prompts cut to --max-length" if cut else "")
                + f" -> {out}")
+    share = report["quarantined"] / report["read"] if report["read"] else 0.0
+    if share > max_quarantine_share:
+        fail_line(f"{report['quarantined']} of the {report['read']} records read ({share:.0%}) were quarantined, "
+                  f"more than --max-quarantine-share {max_quarantine_share:g}; {_first_quarantined(out)}"
+                  f"all reasons in {out / 'quarantine.jsonl'}")
+
+
+def _first_quarantined(out: Path) -> str:
+    """`e.g. FILE row N: REASON; ` for the first quarantined record ('' if there is none to show)."""
+    import json
+
+    try:
+        with (out / "quarantine.jsonl").open(encoding="utf-8") as f:
+            q = json.loads(f.readline())
+        return f"e.g. {Path(str(q['source'])).name} row {q['row']}: {' '.join(str(q['reason']).split())}; "
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _formatter(tokenizer_dir: Path):

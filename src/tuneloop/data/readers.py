@@ -11,6 +11,9 @@ UTF-32) decides the encoding of its file. Under the default utf-8 a CSV line tha
 refuses the file (a CSV is one encoded document), naming the line and the encoding it looks like;
 with an explicit encoding or auto such a row is handed on as a problem and the rest is read.
 
+A JSONL file whose first line starts with `[` is a JSON array, not JSON Lines: every problem of its
+rows ends with a hint to convert it (`jq -c '.[]' in.json > in.jsonl`).
+
 Every record comes out as a `RawRecord`: where it came from (file, 1-based row) and either
 the parsed mapping or the reason it could not be parsed. Nothing is dropped here; a row that
 cannot be read is handed on as a problem so the caller can quarantine it. A file that cannot
@@ -35,8 +38,9 @@ from tuneloop.config.data import SOURCE_SCHEMES, encoding_problem, source_scheme
 
 log = logging.getLogger("tuneloop.readers")
 
-__all__ = ["DETECT_BYTES", "MAX_DEPTH", "MAX_LINE_BYTES", "SOURCE_SCHEMES", "RawRecord", "SourceError",
-           "detect_encoding", "expand", "read_records", "too_deep"]
+__all__ = ["DETECT_BYTES", "MAX_DEPTH", "MAX_LINE_BYTES", "SOURCE_SCHEMES", "SUFFIXES", "RawRecord", "SourceError",
+           "detect_encoding", "expand", "file_format", "json_array_hint", "local_data_files", "read_records",
+           "too_deep"]
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 MAX_LINE_BYTES = 1_000_000  # a line longer than this is quarantined without being parsed
@@ -111,24 +115,35 @@ def expand(path: str, fmt: str = "auto", storage_options: dict[str, Any] | None 
             raise
         except Exception as e:  # credentials, endpoint, permissions: one line, naming the source
             raise SourceError(f"{path}: cannot be listed: {type(e).__name__}: {e}") from None
-        suffix = lambda f: PurePosixPath(f.split("://", 1)[-1]).suffix  # noqa: E731
     else:
         p = Path(path)
         if not p.exists():
             raise SourceError(f"{path}: no such file or folder")
-        files = [str(f) for f in sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)] \
-            if p.is_dir() else [str(p)]
+        files = local_data_files(p) if p.is_dir() else [str(p)]
         if p.is_dir() and not files:
             raise SourceError(f"{path}: folder holds no .jsonl, .csv or .parquet file")
-        suffix = lambda f: Path(f).suffix  # noqa: E731
     out = []
     for f in files:
-        kind = fmt if fmt != "auto" else SUFFIXES.get(suffix(f))
+        kind = file_format(f, fmt)
         if kind is None:
-            raise SourceError(f"{f}: cannot tell the format from the extension {suffix(f)!r}; "
+            raise SourceError(f"{f}: cannot tell the format from the extension {_suffix(f)!r}; "
                               "set `format` to jsonl, csv or parquet")
         out.append((f, kind))
     return out
+
+
+def local_data_files(folder: Path) -> list[str]:
+    """The record files in a local folder, recursively (what a folder source reads), sorted."""
+    return [str(f) for f in sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix in SUFFIXES)]
+
+
+def _suffix(file: str) -> str:
+    return PurePosixPath(file.split("://", 1)[-1]).suffix
+
+
+def file_format(file: str, fmt: str = "auto") -> str | None:
+    """jsonl, csv or parquet: `fmt`, or with auto the file's extension; None when the extension does not say."""
+    return fmt if fmt != "auto" else SUFFIXES.get(_suffix(file))
 
 
 @contextmanager
@@ -375,37 +390,55 @@ def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
     return False
 
 
+def json_array_hint(file: str) -> str:
+    """What to add to the problems of a .json/.jsonl file that holds a JSON array instead of one object a line."""
+    name = PurePosixPath(file.split("://", 1)[-1]).name
+    return (f" (the file is a JSON array, not JSON Lines: convert it with "
+            f"jq -c '.[]' {name} > {PurePosixPath(name).stem}.jsonl)")
+
+
 def _jsonl(file: str, dec: _Decoding) -> Iterator[RawRecord]:
     hint = None  # under the utf-8 default: what the file looks like, found at the first line that is not UTF-8
+    array = None  # "" or, when the first non-blank line starts with `[`, the hint every problem row gets
+
+    def bad(row: int, problem: str, text: str) -> RawRecord:
+        return RawRecord(file, row, None, problem + (array or ""), text)
+
     for i, line, n, oversized in _lines(dec.f):
+        if array is None and line.strip():
+            array = json_array_hint(file) if line.lstrip().startswith(b"[") else ""
         if oversized:
-            yield RawRecord(file, i, None, f"oversized line ({n} bytes > {MAX_LINE_BYTES})",
-                            line[:200].decode(dec.codec, "replace"))
+            yield bad(i, f"oversized line ({n} bytes > {MAX_LINE_BYTES})", line[:200].decode(dec.codec, "replace"))
             continue
         if not line.strip():
             continue
-        text, bad = dec.decode(line)
-        if bad is not None:
-            problem = dec.invalid(bad)
+        if b"\0" in line:  # JSON text never holds a raw NUL; a binary file, or UTF-16/32 read as UTF-8, does
+            utf16 = "" if dec.explicit or dec.label != "utf-8" else \
+                f"; if the file is UTF-16 text: {_fix(dec.key, 'utf-16', full_key=True)}"
+            yield bad(i, f"binary data, not JSON text (NUL bytes{utf16})", line[:200].decode(dec.codec, "replace"))
+            continue
+        text, at = dec.decode(line)
+        if at is not None:
+            problem = dec.invalid(at)
             if not dec.explicit:
                 hint = hint or dec.looks_like(line, full_key=True).replace("it looks", "the file looks", 1)
                 problem += f"; {hint}"
-            yield RawRecord(file, i, None, problem, text.replace(_MARK, "\ufffd"))
+            yield bad(i, problem, text.replace(_MARK, "\ufffd"))
             continue
         text = text.rstrip("\r\n")  # the line ending is not part of the record
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            yield RawRecord(file, i, None, f"malformed JSON at column {e.colno}: {e.msg}", text)
+            yield bad(i, f"malformed JSON at column {e.colno}: {e.msg}", text)
             continue
         except RecursionError:
-            yield RawRecord(file, i, None, f"record nested too deeply (more than {MAX_DEPTH} levels)", text[:200])
+            yield bad(i, f"record nested too deeply (more than {MAX_DEPTH} levels)", text[:200])
             continue
         if not isinstance(obj, dict):
-            yield RawRecord(file, i, None, f"a record must be a JSON object, got {type(obj).__name__}", text)
+            yield bad(i, f"a record must be a JSON object, got {type(obj).__name__}", text)
             continue
         if too_deep(obj):
-            yield RawRecord(file, i, None, f"record nested too deeply (more than {MAX_DEPTH} levels)", text[:200])
+            yield bad(i, f"record nested too deeply (more than {MAX_DEPTH} levels)", text[:200])
             continue
         yield RawRecord(file, i, obj)
 
