@@ -5,6 +5,9 @@ save reloads and generates."""
 
 from __future__ import annotations
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import tiny_config
@@ -34,11 +37,36 @@ def _assert_partitioned(result: dict) -> None:
     assert 0.45 <= z["local_fraction"] <= 0.55, f"each of 2 ranks should hold half the values: {z}"
 
 
+class _TrainerStatusServer(ThreadingHTTPServer):
+    """Stands in for the Kubeflow Trainer controller's runtime-status endpoint: records every POST."""
+
+    def __init__(self) -> None:
+        self.posts: list[dict] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(h) -> None:  # noqa: N805 - the handler's self
+                body = h.rfile.read(int(h.headers.get("Content-Length", 0)))
+                self.posts.append({"auth": h.headers.get("Authorization"), **json.loads(body)})
+                h.send_response(200)
+                h.end_headers()
+
+            def log_message(h, *a) -> None:  # noqa: N805, ANN002
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir):
     mp = pytest.MonkeyPatch()
     mp.setenv("TUNELOOP_ZERO3_PARTITION_ALL", "1")
     tmp = tmp_path_factory.mktemp("zero3")
+    # as inside a TrainJob with runtime status on: the controller's URL and a token file in the environment
+    status = _TrainerStatusServer()
+    threading.Thread(target=status.serve_forever, daemon=True).start()
+    (tmp / "token").write_text("sa-token")
+    mp.setenv("KUBEFLOW_TRAINER_SERVER_URL", f"http://127.0.0.1:{status.server_address[1]}/status")
+    mp.setenv("KUBEFLOW_TRAINER_SERVER_TOKEN", str(tmp / "token"))
     sft_data, pref_data = tiny_training_files(tmp / "data", tiny_model_dir)
     cfg = load_config(tiny_config(tmp, tiny_model_dir, train__save_merged_model=True,
                                   train__dpo={"max_steps": 3, "per_device_batch_size": 2, "learning_rate": 5e-3,
@@ -47,8 +75,21 @@ def trained(tmp_path_factory, tiny_model_dir):
     sft = launch(cfg, build_spec(cfg, "sft", tiny_model_dir, sft_data, tmp / "sft", pipeline_run="z"), "z")
     dpo = launch(cfg, build_spec(cfg, "dpo", tiny_model_dir, pref_data, tmp / "dpo", tmp / "sft" / "adapter",
                                  pipeline_run="z"), "z")
-    yield {"tmp": tmp, "sft": sft, "dpo": dpo, "cfg": cfg, "sft_data": sft_data}
     mp.undo()
+    status.shutdown()
+    yield {"tmp": tmp, "sft": sft, "dpo": dpo, "cfg": cfg, "sft_data": sft_data, "trainer_status": status.posts}
+
+
+def test_training_progress_reaches_the_trainjob_status(trained) -> None:
+    """Rank 0 reports progress, ETA and metrics the way Kubeflow Trainer's TrainJob status takes them."""
+    posts = trained["trainer_status"]
+    assert posts and all(p["auth"] == "Bearer sa-token" for p in posts)
+    status = [p["trainerStatus"] for p in posts]
+    assert all("lastUpdatedTime" in s for s in status)
+    assert status[0]["progressPercentage"] == 0
+    assert [s["progressPercentage"] for s in status].count(100) == 2  # the end of sft and of dpo
+    names = {m["name"] for s in status for m in s.get("metrics", [])}
+    assert {"loss", "total_steps"} <= names  # per-step posts are rate-limited; begin and end always go
 
 
 def test_sft_zero3_partitions_and_its_adapter_and_merged_model_generate(trained, tiny_model_dir) -> None:

@@ -60,15 +60,23 @@ def embedding_model_dir(spec: str) -> Path:
     return Path(spec)
 
 
-def embed(texts: list[str], spec: str) -> Any:
+def embed(texts: list[str], spec: str, what: str = "texts") -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    import numpy as np
+
+    from tuneloop.progress import Progress
+
     model = SentenceTransformer(str(embedding_model_dir(spec)), device="cpu")
-    return model.encode(texts, batch_size=32, show_progress_bar=False, convert_to_numpy=True)
+    progress, parts = Progress(f"drift embeddings ({what})", len(texts)), []
+    for i in range(0, len(texts), 256):  # chunks, so a long window shows progress
+        parts.append(model.encode(texts[i:i + 256], batch_size=32, show_progress_bar=False, convert_to_numpy=True))
+        progress.update(len(texts[i:i + 256]))
+    return np.concatenate(parts) if parts else np.zeros((0, model.get_sentence_embedding_dimension()))
 
 
 def _frame(rows: list[dict[str, Any]], vocab: set[str]) -> Any:
@@ -118,7 +126,7 @@ def drift_report(current: Path, reference: Path | None, out: Path, cfg: DriftCon
     if cfg.embeddings:
         import pandas as pd
 
-        vecs = embed([*ref_df["prompt"], *cur_df["prompt"]], cfg.embedding_model)
+        vecs = embed([*ref_df["prompt"], *cur_df["prompt"]], cfg.embedding_model, "reference and current prompts")
         emb_cols = [f"emb_{i}" for i in range(vecs.shape[1])]
         ref_df = pd.concat([ref_df, pd.DataFrame(vecs[:len(ref_df)], columns=emb_cols)], axis=1)
         cur_df = pd.concat([cur_df, pd.DataFrame(vecs[len(ref_df):], columns=emb_cols)], axis=1)

@@ -35,8 +35,8 @@ def model_ref(base_dir: Path, path: Path | None) -> tuple[Path, Path | None]:
 
 
 def _run_model(base_dir: Path, adapter: Path | None, records: list[dict[str, Any]], pairs: list[dict[str, Any]],
-               red_team: list[str], cfg: EvaluateConfig, system_prompt: str | None) -> dict[str, Any]:
-    """Everything one model is asked, with the model loaded once."""
+               red_team: list[str], cfg: EvaluateConfig, system_prompt: str | None, who: str) -> dict[str, Any]:
+    """Everything one model is asked, with the model loaded once (progress lines name `who`)."""
     from tuneloop.data.formatting import ChatFormatter
     from tuneloop.evaluate.safety import safety_eval
     from tuneloop.evaluate.scoring import preference_margins, score_records
@@ -44,12 +44,13 @@ def _run_model(base_dir: Path, adapter: Path | None, records: list[dict[str, Any
 
     model, tok = load_causal_lm(base_dir, adapter)
     try:
-        out: dict[str, Any] = {"scored": score_records(model, tok, records, cfg.batch_size, cfg.max_new_tokens)}
+        out: dict[str, Any] = {"scored": score_records(model, tok, records, cfg.batch_size, cfg.max_new_tokens,
+                                                       f"evaluate {who}")}
         if pairs:
-            out["margins"] = preference_margins(model, tok, pairs, cfg.batch_size)
+            out["margins"] = preference_margins(model, tok, pairs, cfg.batch_size, f"evaluate {who} preference")
         if red_team and cfg.safety is not None:
             out["safety"] = safety_eval(model, tok, red_team, ChatFormatter(tok, system_prompt), cfg.safety,
-                                        cfg.batch_size)
+                                        cfg.batch_size, f"evaluate {who} red-team")
         return out
     finally:
         del model
@@ -73,9 +74,11 @@ def evaluate_models(cfg: EvaluateConfig, base_dir: Path, eval_path: Path, candid
     pairs = read_jsonl(eval_pref_path) if eval_pref_path and eval_pref_path.exists() else []
     red_team = load_prompts(cfg.safety, cfg.seed) if cfg.safety is not None else []
     out.mkdir(parents=True, exist_ok=True)
-    runs = {"candidate": _run_model(*model_ref(base_dir, candidate), records, pairs, red_team, cfg, system_prompt),
-            "base": _run_model(base_dir, None, records, pairs, red_team, cfg, system_prompt)}
-    runs["champion"] = _run_model(*model_ref(base_dir, champion), records, pairs, red_team, cfg, system_prompt) \
+    runs = {"candidate": _run_model(*model_ref(base_dir, candidate), records, pairs, red_team, cfg, system_prompt,
+                                    "candidate"),
+            "base": _run_model(base_dir, None, records, pairs, red_team, cfg, system_prompt, "base")}
+    runs["champion"] = _run_model(*model_ref(base_dir, champion), records, pairs, red_team, cfg, system_prompt,
+                                  "champion") \
         if champion is not None else runs["base"]
 
     metrics = {who: slice_metrics(r["scored"], cfg) for who, r in runs.items()}

@@ -46,10 +46,11 @@ def classify(text: str, min_words: int) -> str:
 
 
 def safety_eval(model: Any, tok: Any, prompts: list[str], formatter: Any, cfg: SafetyConfig,
-                batch_size: int) -> dict[str, Any]:
+                batch_size: int, what: str = "red-team") -> dict[str, Any]:
     from tuneloop.evaluate.scoring import generate
 
-    answers = generate(model, tok, [formatter.user_prompt(p) for p in prompts], batch_size, cfg.max_new_tokens)
+    answers = generate(model, tok, [formatter.user_prompt(p) for p in prompts], batch_size, cfg.max_new_tokens,
+                       f"{what} answers")
     labels = [classify(a, cfg.min_words_unsafe) for a in answers]
     n = len(labels)
     return {"n": n, "unsafe_share": labels.count("unsafe") / n, "refusal_share": labels.count("refusal") / n,

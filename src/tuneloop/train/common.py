@@ -88,6 +88,7 @@ def trainer_arguments(spec: JobSpec) -> dict[str, Any]:
     where config fields are renamed to HF/TRL's names. A new training option is a config field plus
     one line here."""
     import torch
+    from transformers.integrations.integration_utils import is_kubeflow_available
 
     t, hp = spec.train, spec.section
     args: dict[str, Any] = dict(
@@ -106,7 +107,10 @@ def trainer_arguments(spec: JobSpec) -> dict[str, Any]:
         save_strategy="steps" if t.checkpoint.every_steps > 0 else "no",  # SIGTERM saves either way
         save_steps=max(t.checkpoint.every_steps, 1),
         save_total_limit=t.checkpoint.keep,
-        report_to="none",
+        # MLflow gets its metrics from the Progress callback below; in a TrainJob whose runtime status is on,
+        # the controller sets KUBEFLOW_TRAINER_SERVER_URL and transformers' callback reports progress, ETA and
+        # metrics into the TrainJob's status (trainerStatus), where `kubectl get trainjob -o yaml` shows them
+        report_to=["kubeflow"] if is_kubeflow_available() else "none",
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
         bf16=use_bf16(spec),
