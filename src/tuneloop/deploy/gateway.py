@@ -34,6 +34,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -54,6 +55,9 @@ from tuneloop.feedback.store import FeedbackStore, check_request_fields
 from tuneloop.registry import RegistryUnavailable
 
 log = logging.getLogger("tuneloop.gateway")
+# MLflow's HTTP client in the serving process: two retries, 10 s per call (an explicit environment wins)
+REGISTRY_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                          "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 MAX_NEW_TOKENS = 256
 MAX_FAULT_LATENCY_MS = 60_000.0
 SWITCH_INTERVAL_S = 0.0005
@@ -230,6 +234,17 @@ def pii_scrubber(cfg: RunConfig) -> Any | None:
     return PiiScrubber(pii)
 
 
+def _unicode(value: str, where: str) -> str:
+    """`value` if it has a UTF-8 form. JSON can carry a lone surrogate (`"\\ud800"`) that has none: the tokenizer
+    raises on it (a 500 counted as a model error, which a client could use to fail a canary), and neither the
+    user-id HMAC nor the database can take it. A ValueError naming the field: the client's mistake, a 400."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"`{where}` is not valid Unicode text (it holds a lone surrogate such as \\ud800)") from None
+    return value
+
+
 def _check_messages(body: Any) -> list[dict[str, str]]:
     if not isinstance(body, dict):
         raise ValueError("body must be a JSON object")
@@ -242,7 +257,8 @@ def _check_messages(body: Any) -> list[dict[str, str]]:
                 or not isinstance(m.get("content"), (str, list)):
             raise ValueError(f"`messages[{i}]` needs a role (system/user/assistant) and content (a string or "
                              "a list of text parts)")
-        out.append({"role": m["role"], "content": content_text(m["content"], f"messages[{i}].content")})
+        out.append({"role": m["role"], "content": _unicode(content_text(m["content"], f"messages[{i}].content"),
+                                                           f"messages[{i}].content")})
     return out
 
 
@@ -269,7 +285,7 @@ def create_app(gw: Gateway) -> FastAPI:
     install_problem_handler(app, gw.m_refused)
 
     @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
+    async def healthz() -> dict[str, Any]:  # on the event loop: never behind store calls waiting for a thread
         return {"status": "ok", **gw.state()}
 
     @app.get("/metrics")
@@ -327,6 +343,8 @@ def create_app(gw: Gateway) -> FastAPI:
             meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
             slice_ = str(meta.get("slice", ""))
             check_request_fields({"user_id": "`user`", "slice": "`metadata.slice`"}, user_id=user, slice=slice_)
+            _unicode(user, "user")
+            _unicode(slice_, "metadata.slice")
         except (ValueError, TypeError, OverflowError) as e:
             return error(400, str(e))
         uid = guard.users(user)
@@ -383,6 +401,10 @@ def serve(cfg: RunConfig, host: str, port: int) -> None:
     # Background work (alias reloads, batched store writes) is GIL-bound Python; a short switch
     # interval keeps the event loop answering while it runs (p99 under load, see bench/).
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    # a registry call must fail within seconds, so a reload during an MLflow outage answers 503 and keeps the
+    # routing: MLflow's default retries took 247 s against a server that was down (bench/fault_suite.py)
+    for var, value in REGISTRY_HTTP_DEFAULTS.items():
+        os.environ.setdefault(var, value)
     gw = Gateway(cfg)
     try:
         gw.reload()

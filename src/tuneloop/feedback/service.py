@@ -17,12 +17,14 @@ flagged trusted or not by `deploy.auth.trust_corrections`; admins list and revie
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -30,7 +32,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import OperationalError
-from starlette.concurrency import run_in_threadpool
 
 from tuneloop.feedback.auth import Guard, Problem
 from tuneloop.feedback.store import FeedbackExists, FeedbackStore, check_request_fields
@@ -39,6 +40,19 @@ log = logging.getLogger("tuneloop.feedback")
 MAX_BODY_BYTES = 256 * 1024  # the default of deploy.limits.max_body_bytes
 VARIANTS = ("champion", "canary", "shadow")
 SWEEP_EVERY_S = 5.0  # how often a feedback-service process sweeps expired KServe halves
+DB_THREADS = 16  # store calls (the database) running at once per process
+
+# Store calls block on the database. In Starlette's shared thread pool (40 threads) a database that hangs
+# instead of refusing (a partition, a frozen server: no connect or read timeout fires) let the waiting calls
+# take every thread, and /healthz, /metrics and the gateway's generation waited behind them: the liveness
+# probe killed the pod with its held rows. They run in this pool of their own; whatever waits beyond it
+# waits as a future, holding no thread.
+_DB_POOL = ThreadPoolExecutor(DB_THREADS, thread_name_prefix="feedback-db")
+
+
+async def in_db_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a blocking store call in the database pool (never on the event loop, never in the shared pool)."""
+    return await asyncio.get_running_loop().run_in_executor(_DB_POOL, partial(fn, *args, **kwargs))
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -162,14 +176,13 @@ def add_feedback_route(app: FastAPI, store: FeedbackStore, guard: Guard,
             return error(400, str(e))
         rid = body["request_id"]
         try:  # the database and the scrubber block: in a worker thread, never on the event loop
-            info = await run_in_threadpool(store.request_info, rid)
+            info = await in_db_thread(store.request_info, rid)
             if info is None:
                 return error(404, f"unknown request_id {rid!r}")
             if info["user_id"]:
                 guard.limit("feedback_per_user", info["user_id"])
             trusted = guard.trusted(who) if corr else True
-            await run_in_threadpool(partial(store.add_feedback, rid, score, corr or None, once=True, key=who.name,
-                                            trusted=trusted))
+            await in_db_thread(store.add_feedback, rid, score, corr or None, once=True, key=who.name, trusted=trusted)
         except FeedbackExists:
             return error(409, f"request {rid!r} already has its feedback; send score and correction together, once")
         except OperationalError as e:  # the database is down or locked: the client may retry
@@ -191,7 +204,7 @@ def add_review_routes(app: FastAPI, store: FeedbackStore, guard: Guard) -> None:
         if status not in ("untrusted", "trusted", "all") or not 1 <= limit <= 1000:
             return error(400, "`status` must be untrusted, trusted or all and `limit` 1..1000")
         flag = {"untrusted": False, "trusted": True, "all": None}[status]
-        return JSONResponse({"corrections": await run_in_threadpool(store.corrections, flag, limit)})
+        return JSONResponse({"corrections": await in_db_thread(store.corrections, flag, limit)})
 
     @app.post("/admin/corrections/review")
     async def review(request: Request) -> JSONResponse:
@@ -202,7 +215,7 @@ def add_review_routes(app: FastAPI, store: FeedbackStore, guard: Guard) -> None:
                                                            for i in ids) \
                 or not isinstance(body.get("trusted"), bool):
             return error(400, "give `ids` (a non-empty list of correction ids) and `trusted` (true/false)")
-        changed = await run_in_threadpool(store.review, ids, body["trusted"])
+        changed = await in_db_thread(store.review, ids, body["trusted"])
         return JSONResponse({"status": "reviewed", "changed": changed})
 
 
@@ -301,7 +314,7 @@ def create_feedback_service(store: FeedbackStore, guard: Guard, pending_max_byte
             sweep["running"] = False
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:  # on the event loop: it needs no thread, so none can be missing
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -340,8 +353,8 @@ def create_feedback_service(store: FeedbackStore, guard: Guard, pending_max_byte
             log.warning("KServe event %.80s refused: %s", ce_id, e)
             return error(400, str(e))
         try:
-            status = await run_in_threadpool(store.kserve_half, ce_id, kind, fields)
-            await run_in_threadpool(sweep_if_due)
+            status = await in_db_thread(store.kserve_half, ce_id, kind, fields)
+            await in_db_thread(sweep_if_due)
         except OperationalError as e:  # the logger retries
             log.error("KServe event %s not stored: %s", ce_id, e)
             return error(503, "the feedback store is unavailable; try again")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -139,6 +140,25 @@ def check_request_fields(labels: dict[str, str] | None = None, **fields: str) ->
             raise ValueError(f"{label} is {len(value)} characters; the limit is {limit}")
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(value: Any) -> Any:
+    """Text as every database can hold it: NUL (Postgres refuses it in text) and lone surrogates (valid JSON
+    escapes such as `\\ud800` that have no UTF-8 form, so every driver refuses them) become U+FFFD. Before,
+    one such row failed the write of its whole batch - other users' rows included, uncounted. Anything that
+    is not a str is returned as it is."""
+    if isinstance(value, str) and _UNSTORABLE.search(value):
+        return _UNSTORABLE.sub("\ufffd", value)
+    return value
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of what the driver said (never the statement's parameters: they hold user text)."""
+    orig = getattr(e, "orig", None) or e
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+
+
 def _url(db: str | Path) -> str:
     s = str(db)
     return s if "://" in s else f"sqlite:///{Path(s).resolve()}"
@@ -248,6 +268,7 @@ class FeedbackStore:
         out = []
         for f in batch:
             try:
+                f = {k: storable(v) for k, v in f.items()}
                 out.append({**f, "prompt": self._scrub(f.get("prompt")) or "",
                             "output": self._scrub(f.get("output")) or ""})
             except Exception as e:  # noqa: BLE001 - one bad row must not cost the others
@@ -278,8 +299,8 @@ class FeedbackStore:
                         log.error("request log: database unreachable; gave up on the %d oldest rows",
                                   len(rows) - self.MAX_UNWRITTEN)
                     raise
-                except DBAPIError:  # the database refused a row: write them one by one, name each bad one
-                    self._insert_each(rows)
+                except Exception:  # noqa: BLE001 - the database (or its driver) refused a row: write them one
+                    self._insert_each(rows)  # by one and name each bad one, so it costs only itself
             if self._spool is not None and not self._unwritten:
                 self._spool.release()
 
@@ -291,10 +312,10 @@ class FeedbackStore:
             except OperationalError:
                 self._unwritten = rows[i:]
                 raise
-            except DBAPIError as e:
+            except Exception as e:  # noqa: BLE001 - DBAPIError, or the driver could not encode a value
                 self.rejected += 1
                 log.error("request log: request %s refused by the database, not stored: %s",
-                          row.get("request_id"), str(e.orig).strip().splitlines()[0])
+                          row.get("request_id"), _reason(e))
 
     def close(self) -> None:
         """Write what is queued and release the spool (a clean shutdown); what cannot be written stays
@@ -313,7 +334,8 @@ class FeedbackStore:
         """Attach feedback to a logged request; False if the request is unknown. `once` (the HTTP API):
         FeedbackExists if the request already has its API feedback item - enforced by the database, so
         two replicas cannot both accept one. `trusted`: may its correction become training data."""
-        corrected = self._scrub(correction)
+        request_id = storable(request_id)
+        corrected = self._scrub(storable(correction))
         self.flush()
         try:
             with Session(self.engine) as s, s.begin():
@@ -329,6 +351,7 @@ class FeedbackStore:
 
     def request_info(self, request_id: str) -> dict[str, str] | None:
         """model_version, variant and (pseudonymous) user_id of a logged request; None if it is unknown."""
+        request_id = storable(request_id)  # as it was stored (with a NUL in it Postgres would refuse the query)
         self.flush()
         with Session(self.engine) as s:
             r = s.get(Request, request_id)
@@ -367,6 +390,7 @@ class FeedbackStore:
         "response": output), scrubbed. If the other half is already there - from any replica - this
         transaction takes both and writes the request row: "recorded"; else "pending"."""
         assert kind in ("request", "response")
+        ce_id, fields = storable(ce_id), {k: storable(v) for k, v in fields.items()}
         now = time.time() if now is None else now
         text_field = "prompt" if kind == "request" else "output"
         half = {**fields, text_field: self._scrub(fields.get(text_field)) or "", "created": now}
