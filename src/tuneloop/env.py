@@ -12,6 +12,7 @@ DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",  # MLflow phones home otherwise
     "DO_NOT_TRACK": "true",
     "GX_ANALYTICS_ENABLED": "False",  # Great Expectations' usage statistics
+    "NML_DISABLE_USAGE_LOGGING": "1",  # NannyML's usage analytics (segment) in the monitor's quality estimate
     "HF_HUB_OFFLINE": "1",  # models come from the state dir or a package, never from the hub at run time
     "TOKENIZERS_PARALLELISM": "false",
 }
