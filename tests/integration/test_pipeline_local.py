@@ -48,6 +48,23 @@ def test_pipeline_promotes_then_blocks_a_failing_candidate(tmp_path, tiny_model_
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     lora_b = [t for k, t in weights.items() if "lora_B" in k]
     assert lora_b and any(t.abs().sum() > 0 for t in lora_b), "LoRA B starts at zero; training must move it"
+    # the registered version is an MLflow model of the pipeline run: the champion loads with pyfunc and answers
+    import mlflow
+
+    assert v1.run_id == first["parent_run_id"] and v1.source.startswith("models:/m-")
+    champion = mlflow.pyfunc.load_model("models:/tiny-model@champion")
+    answer = champion.predict({"prompt": "I was charged twice for my order"}, params={"max_new_tokens": 4})
+    assert len(answer) == 1 and isinstance(answer[0], str)
+    # MLflow tells the story: the pipeline run's description is the run summary, its verdicts are tags
+    parent = reg.client.get_run(first["parent_run_id"])
+    story = parent.data.tags["mlflow.note.content"]
+    assert story.startswith("### Pipeline run tiny-run-1: promoted v1"), story[:300]
+    assert all(f"| {stage} | FINISHED |" in story for stage in names), story
+    for part in ("**Data gate: PASSED**", "**Evaluation gate: PASSED**", "**Canary analysis: PROMOTE**",
+                 "Fisher's exact test", "tiny-model v1 (champion)"):
+        assert part in story, part
+    assert parent.data.tags["tuneloop.gate"] == "passed" and parent.data.metrics["gate_passed"] == 1
+    assert parent.data.tags["tuneloop.canary"] == "promoted" and parent.data.tags["tuneloop.data_gate"] == "passed"
 
     cfg2 = load_config(tiny_config(tmp_path, tiny_model_dir, evaluate__gates=[
         {"metric": "accuracy", "slice": "ticket_routing", "min": 0.99}]))
@@ -60,6 +77,9 @@ def test_pipeline_promotes_then_blocks_a_failing_candidate(tmp_path, tiny_model_
     assert second["aliases"] == {"champion": "1"}, "a rejected candidate must not become canary or champion"
     assert [str(v.version) for v in reg.client.search_model_versions("name = 'tiny-model'")] == ["1"]
     assert "deploy_canary" not in [s["stage"] for s in second["stages"]]
+    story2 = reg.client.get_run(second["parent_run_id"]).data.tags["mlflow.note.content"]
+    assert story2.startswith("### Pipeline run tiny-run-2: rejected by the evaluation gate")
+    assert "**Evaluation gate: BLOCKED**" in story2 and "| ticket_routing | accuracy |" in story2
     # nothing of the run - MLflow store and artifacts, KFP outputs, datasets, checkpoints, logs - holds the secret
     assert _files_holding(tmp_path, PLANTED.encode()) == []
     out, err = capfd.readouterr()

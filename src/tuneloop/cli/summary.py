@@ -1,4 +1,8 @@
-"""What the CLI prints after a pipeline run: stages, gates, gains per slice, canary, registry."""
+"""What the CLI prints after a pipeline run: stages, gates, gains per slice, canary, registry.
+
+The same story is the pipeline run's description in MLflow (stages.tell_story); numbers are rounded as
+there (evaluate/model_card.num: 0.667, 211,797), the canary's checks show their test, statistic,
+p-value and threshold."""
 
 from __future__ import annotations
 
@@ -11,8 +15,10 @@ from rich.table import Table
 console = Console(width=None if sys.stdout.isatty() else 200)  # CI and KFP logs: no truncated cells
 
 
-def fmt(x: Any) -> str:
-    return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+def fmt(x: Any, signed: bool = False) -> str:
+    from tuneloop.evaluate.model_card import num  # lazily: the CLI's start stays light
+
+    return num(x, signed)
 
 
 def print_summary(s: dict[str, Any], cfg: Any) -> None:
@@ -48,15 +54,25 @@ def print_summary(s: dict[str, Any], cfg: Any) -> None:
             for k in ("accuracy", "exact_match", "token_f1", "nll"):
                 if k in m["candidate"][sl]:
                     b, c = m["base"][sl][k], m["candidate"][sl][k]
-                    mt.add_row(sl, k, fmt(b), fmt(c), f"{c - b:+.3f}")
+                    mt.add_row(sl, k, fmt(b), fmt(c), fmt(c - b, signed=True))
         console.print(mt)
     if s.get("canary"):
+        from tuneloop.evaluate.model_card import canary_tests
+
         c = s["canary"]
-        console.print(f"canary analysis: {c['decision'].upper()} - " +
-                      "; ".join(f"{x['check']}: {x['detail']}" for x in c["checks"]))
+        ct = Table(title=f"canary analysis: {c['decision'].upper()} (alpha {cfg.deploy.canary.alpha})")
+        for col in ("check", "test", "statistic", "p-value", "threshold", "result"):
+            ct.add_column(col)
+        for t in canary_tests(c, cfg.deploy.canary):
+            ct.add_row(t["check"], t["test"], fmt(t["statistic"]), fmt(t["p_value"]), t["threshold"],
+                       "pass" if t["passed"] else "FAIL")
+        console.print(ct)
     aliases = ", ".join(f"{a}=v{v}" for a, v in s["aliases"].items()) or "none"
     console.print(f"registry: model [bold]{s['model_name']}[/bold], this run's version: "
                   f"{('v' + s['model_version']) if s['model_version'] else 'none (not registered)'}; aliases: {aliases}")
+    if s["model_version"]:
+        console.print(f"MLflow model: mlflow.pyfunc.load_model(\"models:/{s['model_name']}/{s['model_version']}\") "
+                      "answers a prompt; the run's description in MLflow is this summary")
     console.print(f"MLflow run: {s['parent_run_id']} (experiment {s['experiment_id']}) at {s['tracking_uri']}")
     if "pipeline_wall_s" in s:
         console.print(f"pipeline wall time: {s['pipeline_wall_s']:.0f} s")

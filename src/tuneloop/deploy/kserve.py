@@ -143,7 +143,9 @@ def _adapter_uri(cfg: RunConfig, version: str) -> str:
     from tuneloop.registry import Registry
 
     reg = Registry(cfg)
-    return storage_uri(reg.model_version(version).source, cfg)
+    # an MLflow-model version's source is models:/<id>, which KServe cannot fetch: its artifact folder,
+    # which holds the adapter files at its root, is what the storage initializer downloads
+    return storage_uri(reg.adapter_uri(reg.model_version(version)), cfg)
 
 
 def deploy(cfg: RunConfig, version: str, api: Any | None = None) -> dict[str, Any]:

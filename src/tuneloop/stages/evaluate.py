@@ -1,0 +1,106 @@
+"""Stages 6-7: the evaluation gate against the champion, and registering the candidate as an MLflow model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tuneloop.config import PREFERENCE_SLICE, SAFETY_SLICE, RunConfig
+from tuneloop.data.validate import FEEDBACK_SLICE  # a constant; the module imports pandas, GX lazily
+from tuneloop.registry import (TAG_BASE_MODEL, TAG_BASE_PATH, TAG_DATA_HASH, TAG_GIT_SHA, TAG_PIPELINE_RUN,
+                               TAG_TRAINED_SLICES, Registry, git_sha)
+from tuneloop.stages.common import timed_stage, record_verdict, base_model_dir
+
+
+# 6 -------------------------------------------------------------------------------------------
+def evaluate_stage(cfg: RunConfig, parent_id: str, dataset: Path, candidate: Path, out: Path) -> dict[str, Any]:
+    from tuneloop.evaluate.model_card import gate_markdown, huge_base_perplexity
+    from tuneloop.evaluate.run import evaluate_models
+
+    reg = Registry(cfg)
+
+    def run(run_id: str) -> dict[str, Any]:
+        champ = reg.alias_version("champion")
+        champ_adapter = reg.download_adapter(champ, cfg.state_path / "serving") if champ else None
+        ref_name = f"champion v{champ.version}" if champ else "base model"
+        trained = [s for s in champ.tags.get(TAG_TRAINED_SLICES, "").split(",") if s] if champ else []
+        result = evaluate_models(cfg.evaluate, base_model_dir(cfg), dataset / "eval.jsonl", candidate / "adapter",
+                                 champ_adapter, ref_name, out, cfg.data.system_prompt,
+                                 dataset / "eval_preference.jsonl", trained)
+        for who in ("candidate", "champion", "base"):
+            for sl, m in result["metrics"].get(who, {}).items():
+                reg.log_metrics(run_id, {f"{who}.{sl}.{k}": v for k, v in m.items()
+                                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        reg.log_artifacts(run_id, out, "evaluation")
+        g = result["gate"]
+        confusion = [m["confusion"] for sl, m in sorted(result["metrics"]["candidate"].items())
+                     if "confusion" in m and sl != "all"]
+        gated = {(r["slice"], r["metric"]) for r in g["rules"]}
+        headline = {who: {f"{sl}.{m}": float(v) for sl, ms in result["metrics"][who].items()
+                          for m, v in ms.items() if (sl, m) in gated and isinstance(v, (int, float))}
+                    for who in ("candidate", "champion")}
+        failed = [r for r in g["rules"] if not r["passed"]]
+        record_verdict(reg, [run_id, parent_id], {"tuneloop.gate": "passed" if g["passed"] else "blocked"},
+                 {"gate_passed": float(g["passed"]), "gate_rules_failed": len(failed)})
+        slices = sorted(k for k in result["metrics"]["candidate"] if k not in ("all", SAFETY_SLICE, PREFERENCE_SLICE))
+        notes = huge_base_perplexity(result["metrics"], slices)
+        return {"passed": g["passed"], "gate": g, "confusion": confusion, "metrics": result["metrics"],
+                "headline": headline, "description": gate_markdown(g) + "".join(f"\n- {n}" for n in notes),
+                "outcome": "gate PASSED" if g["passed"] else
+                f"gate FAILED: {', '.join(r['slice'] + '/' + r['metric'] for r in g['rules'] if not r['passed'])}"}
+
+    return timed_stage(reg, parent_id, "evaluate", run)
+
+
+# 7 -------------------------------------------------------------------------------------------
+def register_stage(cfg: RunConfig, parent_id: str, candidate: Path, evaluation: Path,
+                   dataset: Path) -> dict[str, Any]:
+    from tuneloop.deploy.mlflow_model import build_model_dir
+    from tuneloop.evaluate.model_card import model_card
+
+    reg = Registry(cfg)
+
+    def run(run_id: str) -> dict[str, Any]:
+        gate = json.loads((evaluation / "gate.json").read_text())
+        if not gate["passed"]:
+            raise RuntimeError("register: the evaluation gate did not pass; refusing to register")
+        report = json.loads((dataset / "report.json").read_text())
+        data_hash = report["data_hash"]
+        # skills this version learned (the catch-all feedback slice has no eval set of its own)
+        kinds = report["by_kind"]
+        trained = sorted((set(kinds["sft"]["per_slice"]) | set(kinds["preference"]["per_slice"])) - {FEEDBACK_SLICE})
+        tags = {TAG_PIPELINE_RUN: parent_id, TAG_DATA_HASH: data_hash, TAG_GIT_SHA: git_sha(),
+                TAG_TRAINED_SLICES: ",".join(trained),
+                TAG_BASE_MODEL: cfg.base_model.name, TAG_BASE_PATH: str(base_model_dir(cfg)),
+                "tuneloop.loop": cfg.name}
+        tags["tuneloop.config_sha256"] = hashlib.sha256(
+            json.dumps(cfg.to_pipeline_param(), sort_keys=True).encode()).hexdigest()
+        base = base_model_dir(cfg)
+        model_dir = build_model_dir(candidate / "adapter", base, Path(tempfile.mkdtemp()) / "model",
+                                    cfg.base_model.name, cfg.data.system_prompt)
+        mv = reg.register(run_id, model_dir, tags)
+        version = str(mv.version)
+        reg.log_artifacts(run_id, evaluation, "evaluation")
+        card = model_card(cfg, version, tags, report, json.loads((evaluation / "metrics.json").read_text()), gate)
+        card_dir = Path(tempfile.mkdtemp())
+        (card_dir / "model_card.md").write_text(card)
+        (card_dir / "run_config.json").write_text(json.dumps(cfg.to_pipeline_param(), indent=2))
+        reg.log_artifacts(run_id, card_dir, "model_card")
+        reg.set_version_description(version, card)
+        name = cfg.registry.model_name
+        reg.set_tag(parent_id, "tuneloop.model_version", version)
+        reg.set_tag(parent_id, "tuneloop.model_uri", f"models:/{name}/{version}")
+        bundled = (model_dir / "artifacts").exists()
+        return {"version": version, "model_card": card, "outcome": f"{name} v{version} @challenger",
+                "description": f"**{name} v{version} @challenger**: registered as an MLflow model, the logged model "
+                               f"`{str(mv.source).removeprefix('models:/')}` of the pipeline run; "
+                               f"`mlflow.pyfunc.load_model(\"models:/{name}/{version}\")` answers a prompt. Base model "
+                               f"`{cfg.base_model.name}` "
+                               + ("bundled in the model (small)" if bundled else f"read from `{base}` (by path)")
+                               + f"; data hash `{data_hash[:12]}`, trained slices {', '.join(trained) or '-'}; the "
+                                 "model card is the version's description and `model_card/model_card.md`."}
+
+    return timed_stage(reg, parent_id, "register", run)
