@@ -193,3 +193,31 @@ def test_latency_is_not_judged_on_a_handful_of_requests(tmp_path):
     assert c["p95_latency"]["passed"] and "not enough answered requests" in c["p95_latency"]["detail"]
     many = side("champion", 40, latency=5.0) + side("canary", 40, latency=50.0)
     assert checks(compare(many, cfg))["p95_latency"]["passed"] is False
+
+
+# -- `deploy.canary.test: fixed` is this comparison, once, over the whole window --
+def test_fixed_test_is_compare_over_the_whole_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuneloop.deploy import canary
+
+    cfg = load_config(tiny_config(tmp_path, Path("/nonexistent-model"), deploy__canary__test="fixed",
+                                  deploy__canary__requests=80, deploy__canary__max_p95_latency_ratio=2.0))
+    rows = side("champion", 40, errors=1, scores=mixed(40, 30)) + side("canary", 40, errors=12, scores=mixed(40, 20))
+    replays: list[tuple[int, int | None]] = []
+
+    class Store:
+        def __init__(self, db: Any) -> None:
+            pass
+
+        def requests(self, since: float = 0.0) -> list[dict[str, Any]]:
+            return rows
+
+    def replay(cfg_: RunConfig, since: float, start: int = 0, count: int | None = None) -> int:
+        replays.append((start, count))
+        return cfg_.deploy.canary.requests
+
+    monkeypatch.setattr(canary, "replay_traffic", replay)
+    monkeypatch.setattr("tuneloop.feedback.store.FeedbackStore", Store)
+    result = canary.analyze_canary(cfg, 0.0)
+    assert replays == [(0, None)]  # one pass over the window, no batches
+    assert result == {**compare(rows, cfg), "replayed_requests": 80, "test": "fixed"}
+    assert result["decision"] == "rollback" and "sequential" not in result

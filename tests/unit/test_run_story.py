@@ -77,6 +77,31 @@ def env(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -
     return cfg, gate, tmp_path
 
 
+
+def test_the_sequential_canary_tells_its_test_boundary_and_sample_size(env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default canary test is sequential: its always-valid p-value, boundaries and n reach the runs table."""
+    from tuneloop import stages
+    from tuneloop.deploy import canary
+    from tuneloop.registry import NOTE, Registry
+
+    cfg, _, tmp = env
+    cfg.deploy.canary.min_requests = 10
+    monkeypatch.setattr(canary, "analyze_canary", lambda cfg, deployed_at: {
+        **canary.sequential_compare(_canary_rows(), cfg, final=True), "test": "sequential"})
+    reg = Registry(cfg)
+    parent = reg.start_pipeline_run("story-seq", "kfp-story-seq", {})
+    r = stages.analyze_canary_stage(cfg, parent, "1", time.time(), tmp / "canary-seq")
+    run = reg.client.get_run(parent)
+    tags, metrics = run.data.tags, run.data.metrics
+    assert tags["tuneloop.canary_decision"] == r["decision"]
+    assert "error_rate: e-value" in tags["tuneloop.canary_tests"] and "(savvi)" in tags["tuneloop.canary_tests"]
+    assert metrics["canary.n_canary"] == 30 and metrics["canary.n_champion"] == 30
+    assert metrics["canary.error_rate.rollback_at"] == 60 and metrics["canary.error_rate.promote_at"] == 20
+    assert 0 < metrics["canary.feedback.p_value"] <= 1
+    note = reg.stage_runs(parent, "analyze_canary")[0].data.tags[NOTE]
+    assert "sequential, 1 looks, n canary 30 / champion 30" in note and "rollback at e >= 60" in note
+
+
 def _register(reg: Any, parent: str, tmp_path: Path) -> str:
     from tuneloop.registry import TAG_PIPELINE_RUN
 

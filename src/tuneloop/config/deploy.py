@@ -21,24 +21,61 @@ class CanaryConfig(_Strict):
         "canary", description="canary: the new version answers `traffic_percent` of users; shadow: it gets a copy "
                               "of every request, its answers are logged for analysis and never returned.")
     traffic_percent: int = Field(20, ge=1, le=99, description="Share of users (sticky by user id) sent to the canary.")
-    requests: int = Field(40, gt=0, description="Requests in the analysis window (local replay sends this many).")
+    test: Literal["sequential", "fixed"] = Field(
+        "sequential", description="sequential: always-valid tests evaluated after every `batch_requests`, stopping "
+                                  "early on clear harm (rollback) or clear success (promote) with the false-rollback "
+                                  "and false-promotion rates held at `alpha` however often they are looked at; "
+                                  "fixed: Fisher's and Welch's tests once, at the end of the window.")
+    requests: int = Field(40, gt=0, description="Most requests in the analysis window: the local replay sends this "
+                                                "many, fewer when the sequential test decides earlier.")
+    batch_requests: int = Field(
+        10, gt=0, description="sequential: requests (both sides) between two looks; the local replay sends this "
+                              "many per look, the kserve backend looks whenever this many new ones were logged.")
+    min_requests: int = Field(
+        20, ge=1, description="sequential: requests each side needs before the test may stop early either way (a "
+                              "canary pod's warm-up must not decide it); at the window's end it decides on what "
+                              "there is.")
+    inconclusive: Literal["promote", "rollback"] = Field(
+        "promote", description="sequential: the decision when the window ends with neither harm nor success shown: "
+                               "promote (no harm was shown: the fixed test's rule, for low traffic) or rollback "
+                               "(the champion stays unless the canary was proven within every margin: the careful "
+                               "choice where traffic fills the window).")
     traffic_file: str | None = Field(
         None, description="JSONL of prompts (with optional `reference`) replayed through the local gateway during "
                           "analysis; null on a cluster, where real traffic is analysed.")
     max_error_rate_increase: float = Field(
-        0.05, ge=0, le=1, description="Roll back if canary error rate exceeds the champion's by more than this.")
+        0.05, ge=0, le=1, description="Allowed canary error rate minus the champion's. fixed: roll back if exceeded "
+                                      "and Fisher's p < `alpha`; sequential: roll back once the difference is shown "
+                                      "above it, promote once shown below it (and the other metrics likewise).")
     max_p95_latency_ratio: float = Field(
-        2.0, gt=0, description="Roll back if canary p95 latency exceeds the champion's times this.")
+        2.0, gt=0, description="Allowed canary latency over the champion's. fixed: ratio of the p95s; sequential: "
+                               "ratio of the geometric means of answered requests (a uniform slowdown moves the "
+                               "p95 by the same factor), tested like the error rate.")
     min_latency_requests: int = Field(
-        20, ge=1, description="Answered requests each side needs before latency is compared: with fewer, the p95 "
-                              "is the slowest request, and one scheduling stall would decide the rollout.")
+        20, ge=1, description="fixed: answered requests each side needs before latency is compared: with fewer, "
+                              "the p95 is the slowest request, and one scheduling stall would decide the rollout.")
     min_feedback_delta: float = Field(
-        -0.1, description="Roll back if canary mean feedback score minus the champion's is below this (one-sided "
-                          "Welch test at `alpha` when both sides have enough feedback).")
-    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the canary tests.")
+        -0.1, description="Allowed canary mean feedback score minus the champion's. fixed: roll back if below it "
+                          "(one-sided Welch test at `alpha` when both sides have enough feedback); sequential: "
+                          "tested like the error rate.")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level. fixed: of each test; sequential: the "
+                                                       "rate of rolling back a canary within every margin, and of "
+                                                       "promoting one beyond a margin, under continuous peeking.")
     max_new_tokens: int = Field(8, gt=0, description="Generation budget of each replayed request.")
     window_minutes: float = Field(
-        30.0, gt=0, description="kserve backend: how long live traffic is collected before the analysis.")
+        30.0, gt=0, description="kserve backend: longest wait for live traffic (sequential: less on a decision). "
+                                "Cut at run time to the analyze task's timeout (`platform.task_timeout_minutes`) "
+                                "less a reserve of min(5 min, 20%), with a warning.")
+
+    @model_validator(mode="after")
+    def _sequential_options(self) -> CanaryConfig:
+        if self.test == "fixed" and self.inconclusive == "rollback":
+            raise ValueError("inconclusive: `rollback` applies to the sequential test; `test: fixed` promotes "
+                             "unless one of its tests fails")
+        if "batch_requests" in self.model_fields_set and self.batch_requests > self.requests:
+            raise ValueError(f"batch_requests: {self.batch_requests} exceeds `requests` ({self.requests}), the "
+                             "window's maximum: the first look would be its end")
+        return self
 
 
 class KServeConfig(_Strict):
@@ -158,6 +195,26 @@ class DeployConfig(_Strict):
         return self
 
 
+class QualitySLO(_Strict):
+    """A quality SLO of one classification slice, checked on realized figures (ground truth that arrived)."""
+
+    slice: str = Field(description="Classification slice (one of evaluate.slices).")
+    label: str | None = Field(
+        None, description="The label whose precision or recall is bound, e.g. `block`; null with metric accuracy.")
+    metric: Literal["precision", "recall", "accuracy"] = Field(
+        description="precision: of the requests answered `label`, the share whose truth is `label`; recall: of the "
+                    "requests whose truth is `label`, the share answered `label`; accuracy: the slice's share of "
+                    "right answers.")
+    min: float = Field(ge=0, le=1, description="Floor on the realized value over the monitor window.")
+
+    @model_validator(mode="after")
+    def _label(self) -> QualitySLO:
+        if (self.metric == "accuracy") != (self.label is None):
+            raise ValueError(f"slos: {self.metric} on slice {self.slice!r}: precision and recall need a `label`, "
+                             "accuracy takes none")
+        return self
+
+
 class MonitorConfig(_Strict):
     window_hours: float = Field(24.0, gt=0, description="Production traffic of the last N hours is checked.")
     slo_error_rate: float = Field(0.01, ge=0, le=1, description="SLO: largest acceptable share of failed requests.")
@@ -173,9 +230,36 @@ class MonitorConfig(_Strict):
     max_embedding_drift: float = Field(
         0.55, gt=0, le=1, description="Prompt drift: Evidently embedding-drift score (classifier ROC AUC) above "
                                       "which production prompts count as drifted.")
-    retrain_on: list[Literal["drift", "feedback_trend", "feedback_volume"]] = Field(
-        default_factory=lambda: ["drift", "feedback_trend", "feedback_volume"],
-        description="Signals that start a new pipeline run (SLO breaches alert but do not retrain).")
+    min_estimated_accuracy: float | None = Field(
+        None, ge=0, le=1, description="Floor on the estimated accuracy of every classification slice over the "
+                                      "window (label-free: NannyML CBPE on the probabilities the champion gives "
+                                      "each label, calibrated on its evaluation set); below it the signal "
+                                      "`estimated_quality` fires. null: no floor.")
+    min_estimated_accuracy_per_slice: dict[str, float] = Field(
+        default_factory=dict, description="Floors for named slices, {slice: floor}; they replace "
+                                          "min_estimated_accuracy there.")
+    estimate_chunk_hours: float = Field(
+        6.0, gt=0, description="Estimated and realized quality are also reported per chunk of this many hours "
+                               "(ending now), to see when a drop began.")
+    estimate_max_requests: int = Field(
+        2000, ge=0, description="Window requests per classification slice whose label probabilities the monitor "
+                                "computes with the champion where the gateway recorded none (a uniform random "
+                                "sample; computed once, kept); 0: recorded probabilities only.")
+    quality_confidence: float = Field(
+        0.9, gt=0.5, lt=1, description="Confidence level of the quality intervals: the estimate's (from CBPE's "
+                                       "sampling error), the realized figures' (Wilson) and the audit's (PPI).")
+    min_quality_requests: int = Field(
+        30, ge=2, description="Fewer requests than this - with label probabilities for an estimate, with ground "
+                              "truth for a realized figure and its SLO, human-rated for the audit - give no verdict.")
+    slos: list[QualitySLO] = Field(
+        default_factory=list, description="Quality SLOs per slice and label, checked on realized figures "
+                                          "(delayed labels); a breach - the whole interval below `min` - is "
+                                          "reported and fires the signal `quality_slo`.")
+    retrain_on: list[Literal["drift", "feedback_trend", "feedback_volume", "estimated_quality", "quality_slo"]] = \
+        Field(default_factory=lambda: ["drift", "feedback_trend", "feedback_volume", "estimated_quality",
+                                       "quality_slo"],
+              description="Signals that start a new pipeline run (error-rate and latency SLO breaches alert but do "
+                          "not retrain).")
     action: Literal["report", "run", "submit"] = Field(
         "report", description="When retraining is due: report only, run the pipeline here (kfp.local), or "
                               "submit a Kubeflow Pipelines run to `kfp_host`.")
@@ -185,6 +269,26 @@ class MonitorConfig(_Strict):
     def _host(self) -> MonitorConfig:
         if self.action == "submit" and not self.kfp_host:
             raise ValueError("kfp_host: action `submit` needs the Kubeflow Pipelines endpoint")
+        bad = {k: v for k, v in self.min_estimated_accuracy_per_slice.items() if not 0 <= v <= 1}
+        if bad:
+            raise ValueError(f"min_estimated_accuracy_per_slice: floors are shares 0..1 (got {bad})")
         return self
+
+    def check_slices(self, slices: dict) -> None:  # {name: SliceConfig} (evaluate.slices)
+        """ValueError naming the key when a floor or SLO names a slice that is not a classification slice of
+        evaluate.slices, or an SLO a label the slice does not have (called by the run config's checks)."""
+        def labels_of(name: str, key: str) -> list[str]:
+            s = slices.get(name)
+            if s is None or s.task != "classification":
+                raise ValueError(f"monitor.{key}: {name!r} is not a classification slice of evaluate.slices")
+            return list(s.labels)
+
+        for name in self.min_estimated_accuracy_per_slice:
+            labels_of(name, "min_estimated_accuracy_per_slice")
+        for i, slo in enumerate(self.slos):
+            labels = labels_of(slo.slice, f"slos[{i}].slice")
+            if slo.label is not None and slo.label not in labels:
+                raise ValueError(f"monitor.slos[{i}].label: {slo.label!r} is not a label of slice {slo.slice!r} "
+                                 f"({', '.join(labels)})")
 
 

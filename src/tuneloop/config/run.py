@@ -70,6 +70,13 @@ class RunConfig(_Strict):
             raise ValueError(found[0])
         if self.deploy.backend == "kserve" and self.deploy.kserve is None:
             raise ValueError("deploy.kserve: the kserve backend needs its section (base_model_uri at least)")
+        timeout = self.platform.task_timeout_minutes
+        budget = timeout - min(5.0, 0.2 * timeout)  # deploy/canary.py: the analyze task keeps a reserve
+        if self.deploy.backend == "kserve" and self.deploy.canary.window_minutes > budget:
+            raise ValueError(f"deploy.canary.window_minutes: {self.deploy.canary.window_minutes:g} minutes do not fit "
+                             f"in the analyze task's timeout (platform.task_timeout_minutes {timeout}, less "
+                             f"{timeout - budget:g} minutes for the analysis itself): lower the window to at most "
+                             f"{budget:g} or raise the timeout")
         if self.deploy.backend == "local" and self.deploy.canary.traffic_file is None:
             raise ValueError("deploy.canary.traffic_file: the local backend replays traffic from a file; set it")
         if self.train.method == "full":

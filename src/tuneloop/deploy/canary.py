@@ -1,9 +1,12 @@
 """Canary rollout on the local gateway: deploy, analyse, promote or roll back.
 
 deploy_canary    alias `canary` -> the new version (with its traffic share), gateway reloads
-analyze_canary   over the window, compare canary with champion on error rate (Fisher's exact
-                 test), p95 latency (ratio) and feedback score (Welch's t-test); locally the
-                 window is filled by replaying a traffic file whose references stand in for users
+analyze_canary   canary vs champion on error rate, latency and feedback score. `test: sequential`
+                 (default): always-valid tests (evaluate/sequential.py) after every batch, stopping
+                 early on clear harm or clear success, the window being a maximum; `test: fixed`:
+                 Fisher's exact test, p95 ratio and Welch's t-test once over the whole window
+                 (`compare`). Locally the window is filled by replaying a traffic file whose
+                 references stand in for users; on KServe the feedback store is polled
 promote          previous <- champion, champion <- canary, canary removed, gateway reloads
 rollback         canary removed (the version is tagged rolled_back), gateway reloads
 """
@@ -11,6 +14,7 @@ rollback         canary removed (the version is tagged rolled_back), gateway rel
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -27,6 +31,7 @@ from tuneloop.jsonl import read_jsonl
 from tuneloop.registry import TAG_CANARY_PERCENT, Registry
 
 log = logging.getLogger("tuneloop.canary")
+POLL_S = 15.0  # kserve backend: how often the feedback store is read while the window fills
 
 
 # -- the gateway process --
@@ -110,15 +115,18 @@ def deploy_canary(cfg: RunConfig, version: str) -> dict[str, Any]:
             "deployed_at": time.time()}
 
 
-def replay_traffic(cfg: RunConfig, since: float) -> int:
+def replay_traffic(cfg: RunConfig, since: float, start: int = 0, count: int | None = None) -> int:
     """Send the traffic file through the gateway as distinct users; a reference stands in for the
-    user's judgement (score 1 if the answer matches it, else 0 and the reference as correction)."""
+    user's judgement (score 1 if the answer matches it, else 0 and the reference as correction).
+    Requests `start` .. `start + count` of the window (default: all `requests`), so a sequential
+    analysis replays it batch by batch with the same users as a single pass."""
     c = cfg.deploy.canary
     assert c.traffic_file is not None
     rows = read_jsonl(c.traffic_file)
+    stop = c.requests if count is None else min(c.requests, start + count)
     sent = 0
     with httpx.Client(base_url=cfg.deploy.gateway_url, timeout=120, headers=client_headers(cfg.state_path)) as http:
-        for i in range(c.requests):
+        for i in range(start, stop):
             row = rows[i % len(rows)]
             body = {"messages": [{"role": "user", "content": row["prompt"]}], "user": f"replay-user-{i}",
                     "max_tokens": c.max_new_tokens, "metadata": {"slice": row.get("slice", "")}}
@@ -135,12 +143,12 @@ def replay_traffic(cfg: RunConfig, since: float) -> int:
     return sent
 
 
-def compare(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
-    """Canary vs champion over the window's requests -> decision with its figures."""
-    c = cfg.deploy.canary
-    mode = c.mode
-    side = {"champion": [r for r in rows if r["variant"] == "champion"],
+def _sides(rows: list[dict[str, Any]], mode: str) -> dict[str, list[dict[str, Any]]]:
+    return {"champion": [r for r in rows if r["variant"] == "champion"],
             "canary": [r for r in rows if r["variant"] == mode]}  # the new version, canary or shadow
+
+
+def _figures(side: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     fig: dict[str, dict[str, Any]] = {}
     for v, rs in side.items():
         scores = [r["score"] for r in rs if r["score"] is not None]
@@ -149,6 +157,13 @@ def compare(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
                   "p95_latency_ms": p95([r["latency_ms"] for r in rs if r["status"] == "ok"]) or 0.0,
                   "feedback_n": len(scores), "feedback_mean": sum(scores) / len(scores) if scores else None,
                   "_scores": scores}
+    return fig
+
+
+def compare(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
+    """Canary vs champion over the window's requests -> decision with its figures."""
+    c = cfg.deploy.canary
+    fig = _figures(_sides(rows, c.mode))
     ch, ca = fig["champion"], fig["canary"]
     checks = []
     if ca["requests"] == 0:
@@ -191,18 +206,124 @@ def compare(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
     return {"decision": "promote" if promote else "rollback", "checks": checks, "figures": fig}
 
 
-def analyze_canary(cfg: RunConfig, deployed_at: float) -> dict[str, Any]:
-    from tuneloop.feedback.store import FeedbackStore
+def sequential_compare(rows: list[dict[str, Any]], cfg: RunConfig, final: bool) -> dict[str, Any]:
+    """One look of the sequential test over the requests so far -> decision ("continue" before the window's
+    end without a decision, else "promote" / "rollback"), checks, figures and the test's record (see
+    evaluate/sequential.py for what harm, success and the window's end mean)."""
+    from tuneloop.evaluate import sequential as seq  # savvi, scipy: only where a canary is analysed
 
+    c = cfg.deploy.canary
+    side = _sides(rows, c.mode)
+    fig = _figures(side)
+    for v in fig.values():
+        v.pop("_scores")
+    stats = {v: seq.Side.from_rows(rs) for v, rs in side.items()}
+    r = seq.decide(stats["canary"], stats["champion"], seq.Margins.from_config(c), c.alpha, c.min_requests,
+                   final, c.inconclusive)
+    code = int(r["decision"])
+    checks, record = seq.report(r, stats["canary"], stats["champion"], c)
+    if bool(r["no_traffic"]):
+        who = "canary" if fig["canary"]["requests"] == 0 else "champion"
+        checks.insert(0, {"check": "traffic", "passed": not final,
+                          "detail": "the canary received no requests" if who == "canary" else
+                          "the champion received no requests; nothing to compare the canary with"})
+    elif final and code == seq.ROLLBACK and not bool(r["harm"]):
+        checks.append({"check": "evidence", "passed": False,
+                       "detail": "the window ended before the canary was shown within every margin "
+                                 "(`inconclusive: rollback`: the champion stays)"})
+    decision = {seq.PROMOTE: "promote", seq.ROLLBACK: "rollback", seq.CONTINUE: "continue"}[code]
+    reason = ("harm shown" if bool(r["harm"]) else "no traffic on a side" if bool(r["no_traffic"]) else
+              "every metric shown within its margin" if bool(r["success"]) else
+              f"window maximum without a decision (inconclusive: {c.inconclusive})" if final else "")
+    return {"decision": decision, "checks": checks, "figures": fig,
+            "sequential": {"test": seq.TEST_NAME, "alpha": c.alpha, "reason": reason, "final": final,
+                           "requests": {v: fig[v]["requests"] for v in ("canary", "champion")},
+                           "min_requests": c.min_requests, "metrics": record}}
+
+
+def _wait_budget_s(cfg: RunConfig) -> float:
+    """How long the analysis may wait: the analyze task's timeout (every non-training task gets
+    `platform.task_timeout_minutes`, pipelines/continuous_training.py) less a reserve for the rest of
+    the task (reading the store, logging to MLflow): min(5 minutes, 20%)."""
+    timeout_s = cfg.platform.task_timeout_minutes * 60
+    return timeout_s - min(300.0, 0.2 * timeout_s)
+
+
+def _deadline(cfg: RunConfig, deployed_at: float, started: float) -> float:
+    window_end = deployed_at + cfg.deploy.canary.window_minutes * 60
+    bound = started + _wait_budget_s(cfg)
+    if window_end > bound:
+        log.warning("deploy.canary.window_minutes (%.0f) ends after the analyze task's timeout "
+                    "(platform.task_timeout_minutes %d) less its reserve: the window is cut to %.1f minutes",
+                    cfg.deploy.canary.window_minutes, cfg.platform.task_timeout_minutes,
+                    (bound - deployed_at) / 60)
+    return min(window_end, bound)
+
+
+def _analyze_fixed(cfg: RunConfig, deployed_at: float, store: Any) -> dict[str, Any]:
     if cfg.deploy.backend == "local":
         sent = replay_traffic(cfg, deployed_at)
     else:  # live traffic, logged by KServe into the feedback service: wait for the window to fill
-        time.sleep(max(0.0, deployed_at + cfg.deploy.canary.window_minutes * 60 - time.time()))
+        time.sleep(max(0.0, _deadline(cfg, deployed_at, time.time()) - time.time()))
         sent = 0
-    rows = FeedbackStore(cfg.feedback_db).requests(since=deployed_at)
-    result = compare(rows, cfg)
+    result = compare(store.requests(since=deployed_at), cfg)
     result["replayed_requests"] = sent
-    log.info("canary analysis: %s (%s)", result["decision"].upper(),
+    result["test"] = "fixed"
+    return result
+
+
+def _analyze_sequential(cfg: RunConfig, deployed_at: float, store: Any) -> dict[str, Any]:
+    """Look after every batch until a decision or the window's maximum: locally `requests` replayed in
+    batches of `batch_requests`; on KServe the store is read every POLL_S seconds and looked at whenever
+    `batch_requests` new requests arrived, or at the deadline."""
+    from tuneloop.evaluate import sequential as seq  # savvi, scipy: only where a canary is analysed
+
+    c = cfg.deploy.canary
+    batch = min(c.batch_requests, c.requests)
+    history: list[dict[str, Any]] = []
+    sent, looked_at = 0, 0
+    deadline = _deadline(cfg, deployed_at, time.time()) if cfg.deploy.backend != "local" else math.inf
+    while True:
+        if cfg.deploy.backend == "local":
+            n = replay_traffic(cfg, deployed_at, start=sent, count=batch)
+            sent += n
+            final = sent >= c.requests or n == 0
+            rows = store.requests(since=deployed_at)
+        else:
+            rows = store.requests(since=deployed_at)
+            final = time.time() >= deadline
+            if not final and len(rows) - looked_at < batch:
+                time.sleep(max(0.0, min(POLL_S, deadline - time.time())))
+                continue
+        looked_at = len(rows)
+        result = sequential_compare(rows, cfg, final)
+        s = result["sequential"]
+        history.append({"canary": s["requests"]["canary"], "champion": s["requests"]["champion"],
+                        "decision": result["decision"],
+                        **{f"{m}.e_value_no_difference": s["metrics"][m]["e_value_no_difference"]
+                           for m in seq.METRICS}})
+        log.info("canary look %d: %d canary / %d champion requests, %s", len(history), s["requests"]["canary"],
+                 s["requests"]["champion"], result["decision"])
+        if result["decision"] != "continue":
+            break
+    s.update(looks=len(history), stopped_early=not final, history=history)
+    result["replayed_requests"] = sent
+    result["test"] = "sequential"
+    return result
+
+
+def analyze_canary(cfg: RunConfig, deployed_at: float) -> dict[str, Any]:
+    """Canary vs champion with the configured test (`deploy.canary.test`) -> decision, checks, figures,
+    replayed_requests and test; the sequential test adds its record (`sequential`: per metric the
+    estimate, e-value and thresholds, confidence sequences and sample sizes; looks, stopped_early)."""
+    from tuneloop.feedback.store import FeedbackStore
+
+    store = FeedbackStore(cfg.feedback_db)
+    if cfg.deploy.canary.test == "fixed":
+        result = _analyze_fixed(cfg, deployed_at, store)
+    else:
+        result = _analyze_sequential(cfg, deployed_at, store)
+    log.info("canary analysis (%s): %s (%s)", result["test"], result["decision"].upper(),
              "; ".join(f"{c['check']}: {'ok' if c['passed'] else 'FAIL'}" for c in result["checks"]))
     return result
 

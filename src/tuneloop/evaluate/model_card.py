@@ -11,6 +11,7 @@ seconds/minutes (`duration`), times as UTC dates (`when`).
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from typing import Any
@@ -70,7 +71,8 @@ def model_card(cfg: RunConfig, version: str, tags: dict[str, str], ingest_report
         f"slices it was evaluated on: {', '.join(f'`{s}`' for s in slices)}. It is served behind the canary "
         "rollout and is meant for those tasks only; it was not evaluated outside them.", "",
         "## Data and lineage",
-        f"- data hash `{tags.get('tuneloop.data_hash', '?')}`, pipeline run `{tags.get('tuneloop.pipeline_run_id', '?')}`, "
+        f"- data hash `{tags.get('tuneloop.data_hash', '?')}`, "
+        f"pipeline run `{tags.get('tuneloop.pipeline_run_id', '?')}`, "
         f"git `{tags.get('tuneloop.git_sha', '?')}`",
         f"- SFT records: {sft['accepted']} accepted of {sft['read']} read; per slice "
         + ", ".join(f"{k} {v}" for k, v in sorted(sft["per_slice"].items())),
@@ -158,8 +160,16 @@ CANARY_TESTS = {"traffic": "requests on each side", "error_rate": "Fisher's exac
                 "p95_latency": "p95 latency ratio", "feedback": "Welch's t-test (one-sided)"}
 
 
+SEQUENTIAL_TESTS = {"error_rate": "e-value, Beta-mixture vs constrained likelihood (always valid)",
+                    "latency": "anytime-valid t-test on log latency (savvi)",
+                    "feedback": "anytime-valid t-test (savvi)"}
+
+
 def canary_tests(result: dict[str, Any], c: Any) -> list[dict[str, Any]]:
-    """Each canary check with its test, statistic, p-value and threshold (c: deploy.canary config)."""
+    """Each canary check with its test, statistic, p-value and threshold (c: deploy.canary config). For the
+    sequential test the p-value is the always-valid one, 1 / e-value against "no difference"."""
+    if result.get("sequential"):
+        return _sequential_tests(result, c)
     out = []
     for ch in result["checks"]:
         d = ch["detail"]
@@ -177,9 +187,34 @@ def canary_tests(result: dict[str, Any], c: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _sequential_tests(result: dict[str, Any], c: Any) -> list[dict[str, Any]]:
+    record = result["sequential"].get("metrics", {})
+    out = []
+    for ch in result["checks"]:
+        m = record.get(ch["check"])
+        if m is None:  # traffic, evidence: no statistic
+            out.append({"check": ch["check"], "test": CANARY_TESTS.get(ch["check"], ch["check"]), "statistic": None,
+                        "p_value": None, "threshold": "", "passed": ch["passed"], "detail": ch["detail"]})
+            continue
+        est = m.get("estimate")
+        stat = math.exp(est) if est is not None and ch["check"] == "latency" else (
+            -est if est is not None and ch["check"] == "feedback" else est)
+        e = m.get("e_value_no_difference")
+        out.append({"check": ch["check"], "test": SEQUENTIAL_TESTS.get(ch["check"], ch["check"]), "statistic": stat,
+                    "p_value": min(1.0, 1.0 / e) if e else None,
+                    "threshold": f"rollback at e >= {m['rollback_at']:.0f} beyond margin {m['margin']}; "
+                                 f"promote at e >= {m['promote_at']:.0f} against it",
+                    "passed": ch["passed"], "detail": ch["detail"]})
+    return out
+
+
 def canary_markdown(result: dict[str, Any], c: Any) -> str:
     tests = canary_tests(result, c)
-    lines = [f"**Canary analysis: {result['decision'].upper()}** ({c.mode}, alpha {c.alpha})", ""]
+    seq = result.get("sequential")
+    how = (f"sequential, {seq.get('looks', 1)} looks, n canary {seq['requests']['canary']} / champion "
+           f"{seq['requests']['champion']}, " + ("stopped early: " if seq.get("stopped_early") else "")
+           + (seq.get("reason") or "")) if seq else "fixed tests at the window's end"
+    lines = [f"**Canary analysis: {result['decision'].upper()}** ({c.mode}, alpha {c.alpha}; {how})", ""]
     lines += table(["check", "test", "statistic", "p-value", "threshold", "result", "figures"],
                    [[t["check"], t["test"], num(t["statistic"]), num(t["p_value"]), t["threshold"],
                      "pass" if t["passed"] else "**FAIL**", t["detail"]] for t in tests])

@@ -49,6 +49,16 @@ def analyze_canary_stage(cfg: RunConfig, parent_id: str, version: str, deployed_
         for t in tests:
             metrics[f"canary.{t['check']}.passed"] = float(t["passed"])
             metrics.update({f"canary.{t['check']}.{k}": t[k] for k in ("p_value", "statistic") if t[k] is not None})
+        seq = r.get("sequential")
+        if seq:  # the sequential test's boundary and sample size at the decision
+            n = seq["requests"]
+            metrics.update({"canary.looks": seq.get("looks", 1), "canary.n_canary": n["canary"],
+                            "canary.n_champion": n["champion"],
+                            "canary.stopped_early": float(seq.get("stopped_early", 0))})
+            for m, rec in seq.get("metrics", {}).items():
+                metrics.update({f"canary.{m}.{k}": rec[k] for k in ("e_value_no_difference", "e_value_margin",
+                                                                   "rollback_at", "promote_at")
+                                if isinstance(rec.get(k), (int, float))})
         record_verdict(reg, [run_id, parent_id], {"tuneloop.canary_decision": r["decision"],
                                             "tuneloop.canary_tests": _tests_line(tests)}, metrics)
         md = canary_markdown(r, cfg.deploy.canary)
