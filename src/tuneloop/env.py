@@ -13,6 +13,7 @@ DEFAULTS = {
     "DO_NOT_TRACK": "true",
     "GX_ANALYTICS_ENABLED": "False",  # Great Expectations' usage statistics
     "NML_DISABLE_USAGE_LOGGING": "1",  # NannyML's usage analytics (segment) in the monitor's quality estimate
+    "NML_DISABLE_USER_ANALYTICS": "1",
     "HF_HUB_OFFLINE": "1",  # models come from the state dir or a package, never from the hub at run time
     "TOKENIZERS_PARALLELISM": "false",
 }

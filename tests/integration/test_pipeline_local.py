@@ -4,6 +4,8 @@ promoted; the second fails the evaluation gate and must be neither registered no
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import tiny_config
 
@@ -44,6 +46,12 @@ def test_pipeline_promotes_then_blocks_a_failing_candidate(tmp_path, tiny_model_
     v1 = reg.client.get_model_version("tiny-model", "1")
     assert v1.tags["tuneloop.pipeline_run_id"] == first["parent_run_id"]
     assert len(v1.tags["tuneloop.data_hash"]) == 64
+    # the calibration reference of label-free quality estimation travels with the version
+    import mlflow.artifacts
+
+    tag = v1.tags["tuneloop.quality_reference"]  # runs:/<register run>/quality/quality_reference.json
+    ref = json.loads(open(mlflow.artifacts.download_artifacts(tag, dst_path=str(tmp_path / "q"))).read())
+    assert "ticket_routing" in ref["slices"]
     adapter = reg.download_adapter(v1, tmp_path / "dl")
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     lora_b = [t for k, t in weights.items() if "lora_B" in k]
@@ -61,7 +69,7 @@ def test_pipeline_promotes_then_blocks_a_failing_candidate(tmp_path, tiny_model_
     assert story.startswith("### Pipeline run tiny-run-1: promoted v1"), story[:300]
     assert all(f"| {stage} | FINISHED |" in story for stage in names), story
     for part in ("**Data gate: PASSED**", "**Evaluation gate: PASSED**", "**Canary analysis: PROMOTE**",
-                 "Fisher's exact test", "tiny-model v1 (champion)"):
+                 "(always valid)", "sequential, ", "tiny-model v1 (champion)"):
         assert part in story, part
     assert parent.data.tags["tuneloop.gate"] == "passed" and parent.data.metrics["gate_passed"] == 1
     assert parent.data.tags["tuneloop.canary"] == "promoted" and parent.data.tags["tuneloop.data_gate"] == "passed"

@@ -139,3 +139,29 @@ def test_the_queue_is_written_when_the_server_stops(tmp_path, monkeypatch):
         assert store.backlog == 1
     assert store.backlog == 0
     assert [r["request_id"] for r in FeedbackStore(tmp_path / "fb.db").requests()] == ["last"]
+
+
+def test_quality_gauges_are_valid_textfile_format():
+    """The per-slice/per-label quality gauges parse with Prometheus' own text parser (one family per name,
+    labels escaped, a missing figure as NaN)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tuneloop.monitor.check import quality_prometheus
+
+    iv = {"value": 0.8, "lower": 0.7, "upper": 0.9, "sampling_error": 0.05}
+    report = {"champion": "3", "quality": {
+        "slices": {'odd "slice"': {
+            "estimate": {"window": {"accuracy": iv, "macro_f1": iv}}, "with_probabilities": 120,
+            "estimate_verdict": "below",
+            "realized": {"labelled": 40, "accuracy": {"value": None, "lower": None, "upper": None},
+                         "per_label": {"block": {"precision": {"value": 0.5}, "recall": {"value": 1.0}}}},
+            "audit": {"n_rated": 0, "value": None}}},
+        "slos": [{"slice": 'odd "slice"', "label": "block", "metric": "precision", "verdict": "breach"}]}}
+    families = {f.name: f for f in text_string_to_metric_families(quality_prometheus(report))}
+    est = families["tuneloop_monitor_estimated_accuracy"].samples[0]
+    assert est.labels == {"champion": "3", "slice": 'odd "slice"'} and est.value == 0.8
+    assert families["tuneloop_monitor_estimate_below_floor"].samples[0].value == 1.0
+    assert str(families["tuneloop_monitor_realized_accuracy"].samples[0].value) == "nan"
+    slo = families["tuneloop_monitor_quality_slo_breach"].samples[0]
+    assert slo.labels["label"] == "block" and slo.value == 1.0
+    assert quality_prometheus({"champion": "base"}) == ""  # a report without the section: no gauges

@@ -30,7 +30,8 @@ def monitor(config: ConfigArg = None, state_dir: StateDir = None, tracking_uri: 
             out: Annotated[Path | None, typer.Option(help="Folder for monitor.json, monitor.prom and the drift "
                                                           "report; default <state_dir>/monitor/<timestamp>.")] = None,
             ) -> None:
-    """Check production (SLOs, feedback trend, prompt drift, feedback volume) and start a run when due.
+    """Check production (SLOs, feedback trend, prompt drift, feedback volume, quality of the classification
+    slices: estimated, realized from delayed labels, audited) and start a run when due.
 
     What happens when retraining is due is the config's monitor.action: report, run, or submit.
     Exits 0 after a check; the decision is in monitor.json and in MLflow.
@@ -52,8 +53,36 @@ def monitor(config: ConfigArg = None, state_dir: StateDir = None, tracking_uri: 
     console.print(f"feedback trend: {r['feedback_trend']['verdict']}; drift: "
                   f"{r['drift'].get('note') or 'embedding score ' + fmt(r['drift'].get('embedding_drift_score'))}; "
                   f"feedback since champion: {r['feedback_volume']['since_champion']}")
+    for line in _quality_lines(r.get("quality") or {}):
+        console.print(line, markup=False)
     console.print(f"retrain: {'DUE (' + ', '.join(r['reasons']) + ')' if r['retrain'] else 'not due'}; "
                   f"action: {r['action']}; report in {target}")
+
+
+def _quality_lines(q: dict[str, Any]) -> list[str]:
+    """One line per classification slice: estimated, realized and audited accuracy with intervals; SLO breaches."""
+    def iv(x: dict[str, Any] | None) -> str:
+        if not x or x.get("value") is None:
+            return "-"
+        return f"{x['value']:.3f} [{fmt(x.get('lower'))}, {fmt(x.get('upper'))}]"
+
+    lines = []
+    for sl, s in sorted((q.get("slices") or {}).items()):
+        w = (s.get("estimate") or {}).get("window") or {}
+        est = f"estimated accuracy {iv(w.get('accuracy'))}, F1 {iv(w.get('macro_f1'))} ({s['estimate_verdict']}" \
+              + (f", floor {s['floor']:.3f})" if s.get("floor") is not None else ")")
+        r = s["realized"]
+        audit = s.get("audit") or {}
+        lines.append(f"quality {sl}: {s['requests']} requests, {est}; realized {iv(r['accuracy'])} on "
+                     f"{r['labelled']} labelled; audit (PPI) {iv(audit)} on {audit.get('n_rated', 0)} rated"
+                     + (f" vs human only {iv(audit['human_only'])}" if audit.get("human_only") else ""))
+    if q.get("reference") and q["reference"].get("note"):
+        lines.append(f"quality: {q['reference']['note']}")
+    for slo in q.get("slos") or []:
+        if slo["verdict"] != "ok":
+            lines.append(f"quality SLO {slo['slice']}/{slo['label'] or '*'} {slo['metric']} >= {slo['min']}: "
+                         f"{slo['verdict'].upper()} ({iv(slo)} on {slo['n']} labelled)")
+    return lines
 
 
 def _act_on_monitor(cfg: Any, report: dict[str, Any]) -> str:

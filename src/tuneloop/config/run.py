@@ -65,6 +65,7 @@ class RunConfig(_Strict):
         if self.train.backend != "local" and not self.kubernetes.state_pvc:
             raise ValueError(f"kubernetes.state_pvc: the {self.train.backend} backend's pods read their inputs and "
                              "write their outputs on the state volume; name its PersistentVolumeClaim")
+        self.monitor.check_slices(self.evaluate.slices)  # quality floors and SLOs name classification slices
         found = credential_findings(self.model_dump(mode="json"))
         if found:
             raise ValueError(found[0])

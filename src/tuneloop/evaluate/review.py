@@ -2,7 +2,9 @@
 
 export  predictions.jsonl (from evaluate) -> a CSV with one row per (item, rater) to fill in:
         helpfulness, harmlessness, honesty on a 1-5 scale
-import  the filled CSV(s) -> agreement per rubric dimension (Cohen's kappa, quadratic weights,
+        (or, with fmt "label-studio", one Label Studio task per item and the labeling config next to it)
+import  the filled CSV(s), or Label Studio JSON exports (a Rating control per rubric dimension) ->
+        agreement per rubric dimension (Cohen's kappa, quadratic weights,
         for two raters; Fleiss' kappa for three or more) and mean scores per slice. Ratings whose
         agreement is below the floor are refused: `ReviewRejected` names the dimension and kappa.
 """
@@ -27,8 +29,9 @@ class ReviewRejected(ValueError):
 
 
 def export_sample(predictions: Path, out: Path, per_slice: int, raters: list[str], seed: int = 0,
-                  model: str = "candidate") -> dict[str, int]:
-    """Stratified sample: up to `per_slice` items from every slice, one row per rater."""
+                  model: str = "candidate", fmt: str = "csv") -> dict[str, int]:
+    """Stratified sample: up to `per_slice` items from every slice, one row per rater (csv), or one Label
+    Studio task per item (label-studio: `out` is the tasks JSON, `out`.xml the labeling config)."""
     rows = read_jsonl(predictions)
     by_slice: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -39,6 +42,18 @@ def export_sample(predictions: Path, out: Path, per_slice: int, raters: list[str
     rng = random.Random(seed)
     counts = {}
     out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "label-studio":
+        from tuneloop.evaluate.label_studio import rating_config, write_tasks
+
+        tasks = []
+        for sl in sorted(by_slice):
+            pick = rng.sample(sorted(by_slice[sl], key=lambda r: r["id"]), min(per_slice, len(by_slice[sl])))
+            counts[sl] = len(pick)
+            tasks += [{"item_id": r["id"], "slice": sl, "prompt": r.get("prompt", ""), "answer": r["prediction"],
+                       "reference": r["reference"]} for r in pick]
+        write_tasks(tasks, out)
+        out.with_suffix(".xml").write_text(rating_config(RUBRIC, max(SCALE)))
+        return counts
     with open(out, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
@@ -53,9 +68,35 @@ def export_sample(predictions: Path, out: Path, per_slice: int, raters: list[str
     return counts
 
 
+def _read_label_studio(p: Path) -> list[dict[str, Any]]:
+    """Rows of a Label Studio JSON export: the task's item_id and slice, the annotator, a Rating per dimension."""
+    from tuneloop.evaluate.label_studio import read_export
+
+    try:
+        exported = read_export(p)
+    except ValueError as e:
+        raise ReviewRejected(str(e)) from None
+    rows = []
+    for i, a in enumerate(exported):
+        row = {"item_id": a["data"].get("item_id"), "slice": a["data"].get("slice"), "rater": a["rater"]}
+        if row["item_id"] is None:
+            raise ReviewRejected(f"{p}: annotation {i}: the task has no data.item_id (export the tasks with "
+                                 "`tuneloop review export --format label-studio`)")
+        for dim in RUBRIC:
+            v = a["values"].get(dim)
+            if v not in SCALE:
+                raise ReviewRejected(f"{p}: annotation {i} (task {a['task_id']}), rating `{dim}`: {v!r} is not 1-5")
+            row[dim] = int(v)
+        rows.append(row)
+    return rows
+
+
 def _read_ratings(paths: list[Path]) -> list[dict[str, Any]]:
     out = []
     for p in paths:
+        if p.suffix.lower() == ".json":
+            out += _read_label_studio(p)
+            continue
         with open(p, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             missing = {"item_id", "rater", *RUBRIC} - set(reader.fieldnames or [])

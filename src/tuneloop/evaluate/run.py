@@ -35,8 +35,11 @@ def model_ref(base_dir: Path, path: Path | None) -> tuple[Path, Path | None]:
 
 
 def _run_model(base_dir: Path, adapter: Path | None, records: list[dict[str, Any]], pairs: list[dict[str, Any]],
-               red_team: list[str], cfg: EvaluateConfig, system_prompt: str | None, who: str) -> dict[str, Any]:
-    """Everything one model is asked, with the model loaded once (progress lines name `who`)."""
+               red_team: list[str], cfg: EvaluateConfig, system_prompt: str | None, who: str,
+               labels: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Everything one model is asked, with the model loaded once (progress lines name `who`); with `labels`
+    ({classification slice: its labels}) also each label's probability per record, the calibration
+    reference of label-free quality estimation (evaluate/calibration.py)."""
     from tuneloop.data.formatting import ChatFormatter
     from tuneloop.evaluate.safety import safety_eval
     from tuneloop.evaluate.scoring import preference_margins, score_records
@@ -46,6 +49,10 @@ def _run_model(base_dir: Path, adapter: Path | None, records: list[dict[str, Any
     try:
         out: dict[str, Any] = {"scored": score_records(model, tok, records, cfg.batch_size, cfg.max_new_tokens,
                                                        f"evaluate {who}")}
+        if labels:
+            from tuneloop.evaluate.label_probs import add_label_probs
+
+            add_label_probs(model, tok, records, out["scored"], labels, cfg.batch_size)
         if pairs:
             out["margins"] = preference_margins(model, tok, pairs, cfg.batch_size, f"evaluate {who} preference")
         if red_team and cfg.safety is not None:
@@ -74,8 +81,10 @@ def evaluate_models(cfg: EvaluateConfig, base_dir: Path, eval_path: Path, candid
     pairs = read_jsonl(eval_pref_path) if eval_pref_path and eval_pref_path.exists() else []
     red_team = load_prompts(cfg.safety, cfg.seed) if cfg.safety is not None else []
     out.mkdir(parents=True, exist_ok=True)
+    from tuneloop.evaluate.calibration import classification_labels
+
     runs = {"candidate": _run_model(*model_ref(base_dir, candidate), records, pairs, red_team, cfg, system_prompt,
-                                    "candidate"),
+                                    "candidate", classification_labels(cfg)),
             "base": _run_model(base_dir, None, records, pairs, red_team, cfg, system_prompt, "base")}
     runs["champion"] = _run_model(*model_ref(base_dir, champion), records, pairs, red_team, cfg, system_prompt,
                                   "champion") \

@@ -2,9 +2,8 @@
 
 Prompts are already chat-template-rendered strings (ingest did it). Padding is on the left so
 batched generation and scoring line up; the prompt is encoded once per batch and reused for
-the likelihood pass and the generation pass. `label_probabilities` is the probability the model
-gives each label of a classification slice (evaluation's calibration reference, the monitor and
-the gateway use the same function).
+the likelihood pass and the generation pass. evaluate/label_probs.py builds the probability a
+model gives each label of a classification slice on `completion_logprobs`.
 """
 
 from __future__ import annotations

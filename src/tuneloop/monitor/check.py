@@ -8,6 +8,9 @@ Checks over the last `monitor.window_hours`:
   drift            production prompts vs the champion's training data (Evidently text
                    descriptors and MiniLM embedding drift, the data plane's drift report)
   feedback_volume  feedback collected since the champion was registered
+  quality          per classification slice: estimated accuracy and F1 (label-free, NannyML CBPE),
+                   realized figures from delayed labels with the quality SLOs, and the human audit
+                   combined with the estimate by prediction-powered inference (monitor/quality.py)
 Results go to out/monitor.json, out/monitor.prom (Prometheus textfile format) and an MLflow
 run. The report carries the decision (`retrain`, with the signals in `retrain_on` that fired);
 acting on it (report, run here, submit to KFP: `monitor.action`) is the caller's job - the CLI's,
@@ -71,8 +74,13 @@ def check(cfg: RunConfig, out: Path, now: float | None = None) -> dict[str, Any]
         (drift.get("drifted_share") or 0) >= m.max_drifted_share
         or (drift.get("embedding_drift_score") or 0) >= m.max_embedding_drift)
 
+    from tuneloop.monitor.quality import quality_report
+
+    report["quality"] = quality_report(cfg, store, reg, champ, version, since, now)
     signals = {"drift": drifted, "feedback_trend": report["feedback_trend"]["verdict"] == "below",
-               "feedback_volume": len(rows) >= m.min_new_feedback}
+               "feedback_volume": len(rows) >= m.min_new_feedback,
+               "estimated_quality": bool(report["quality"]["below_floor"]),
+               "quality_slo": bool(report["quality"]["slo_breaches"])}
     report["signals"] = signals
     report["retrain"] = any(signals[s] for s in m.retrain_on)
     report["reasons"] = [s for s in m.retrain_on if signals[s]]
@@ -114,7 +122,59 @@ def prometheus_text(report: dict[str, Any]) -> str:
         g("drifted_share", report["drift"].get("drifted_share"), "Share of drifted prompt descriptors"),
         g("retrain_due", report["retrain"], "1 when a retraining signal fired"),
         g("slo_breach", report["slo_breach"], "1 when an SLO is breached"),
+        quality_prometheus(report),
     ])
+
+
+def _esc(v: Any) -> str:
+    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def quality_prometheus(report: dict[str, Any]) -> str:
+    """Per-slice (and per-label) quality gauges: one HELP/TYPE block per metric, a sample per label set."""
+    q = report.get("quality") or {}
+    series: dict[str, tuple[str, list[tuple[dict[str, Any], Any]]]] = {}
+
+    def add(name: str, help_: str, labels: dict[str, Any], value: Any) -> None:
+        series.setdefault(name, (help_, []))[1].append((labels, value))
+
+    for sl, s in sorted((q.get("slices") or {}).items()):
+        w = (s.get("estimate") or {}).get("window") or {}
+        for metric in ("accuracy", "macro_f1"):
+            iv = w.get(metric) or {}
+            for part, key in (("", "value"), ("_lower", "lower"), ("_upper", "upper")):
+                add(f"estimated_{metric}{part}", f"Estimated (label-free, CBPE) {metric} of the slice in the window"
+                    + {"": "", "_lower": ", interval lower bound", "_upper": ", interval upper bound"}[part],
+                    {"slice": sl}, iv.get(key))
+        add("estimated_requests", "Window requests of the slice with label probabilities", {"slice": sl},
+            s.get("with_probabilities"))
+        add("estimate_below_floor", "1 when the slice's estimated accuracy is below its floor", {"slice": sl},
+            s.get("estimate_verdict") == "below")
+        r = s["realized"]
+        add("realized_labelled", "Window requests of the slice with ground truth", {"slice": sl}, r["labelled"])
+        for part, key in (("", "value"), ("_lower", "lower"), ("_upper", "upper")):
+            add(f"realized_accuracy{part}", "Realized accuracy (delayed labels) of the slice in the window"
+                + ("" if not part else f", interval {key} bound"), {"slice": sl}, r["accuracy"][key])
+        for lab, pr in sorted(r["per_label"].items()):
+            for metric in ("precision", "recall"):
+                add(f"realized_{metric}", f"Realized {metric} of the label (delayed labels)",
+                    {"slice": sl, "label": lab}, pr[metric]["value"])
+        a = s.get("audit") or {}
+        for part, key in (("", "value"), ("_lower", "lower"), ("_upper", "upper")):
+            add(f"audit_accuracy{part}", "Live accuracy from the human audit + the estimate (PPI)"
+                + ("" if not part else f", interval {key} bound"), {"slice": sl}, a.get(key))
+        add("audit_rated", "Human-rated audit requests of the slice in the window", {"slice": sl}, a.get("n_rated"))
+    for slo in q.get("slos") or []:
+        add("quality_slo_breach", "1 when a quality SLO is breached (realized interval below its floor)",
+            {"slice": slo["slice"], "label": slo["label"] or "", "metric": slo["metric"]}, slo["verdict"] == "breach")
+    lines = []
+    for name, (help_, samples) in series.items():
+        lines += [f"# HELP tuneloop_monitor_{name} {help_}", f"# TYPE tuneloop_monitor_{name} gauge"]
+        for labels, value in samples:
+            lab = ",".join(f'{k}="{_esc(v)}"' for k, v in {"champion": report["champion"], **labels}.items())
+            v = float(value) if value is not None else float("nan")
+            lines.append(f"tuneloop_monitor_{name}{{{lab}}} {v}")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def record(cfg: RunConfig, report: dict[str, Any], out: Path) -> str:
@@ -128,5 +188,16 @@ def record(cfg: RunConfig, report: dict[str, Any], out: Path) -> str:
         metrics={"window_requests": report["window_requests"], "error_rate": report["slo"]["error_rate"],
                  "feedback_since_champion": report["feedback_volume"]["since_champion"],
                  "retrain_due": float(report["retrain"]), "slo_breach": float(report["slo_breach"]),
-                 **{k: v for k, v in report["feedback_trend"].items() if isinstance(v, float)}},
+                 **{k: v for k, v in report["feedback_trend"].items() if isinstance(v, float)},
+                 **_quality_metrics(report)},
         artifacts=out, artifact_path="monitor")
+
+
+def _quality_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """quality.<slice>.<figure> for the run: estimated, realized and audited accuracy where there is one."""
+    out = {}
+    for sl, s in (report.get("quality") or {}).get("slices", {}).items():
+        figures = {"estimated_accuracy": ((s.get("estimate") or {}).get("window") or {}).get("accuracy", {}),
+                   "realized_accuracy": s["realized"]["accuracy"], "audit_accuracy": s.get("audit") or {}}
+        out.update({f"quality.{sl}.{k}": float(v["value"]) for k, v in figures.items() if v.get("value") is not None})
+    return out

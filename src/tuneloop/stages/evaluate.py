@@ -59,6 +59,7 @@ def evaluate_stage(cfg: RunConfig, parent_id: str, dataset: Path, candidate: Pat
 def register_stage(cfg: RunConfig, parent_id: str, candidate: Path, evaluation: Path,
                    dataset: Path) -> dict[str, Any]:
     from tuneloop.deploy.mlflow_model import build_model_dir
+    from tuneloop.evaluate.calibration import REFERENCE_FILE, REFERENCE_TAG, write_reference
     from tuneloop.evaluate.model_card import model_card
 
     reg = Registry(cfg)
@@ -83,6 +84,11 @@ def register_stage(cfg: RunConfig, parent_id: str, candidate: Path, evaluation: 
                                     cfg.base_model.name, cfg.data.system_prompt)
         mv = reg.register(run_id, model_dir, tags)
         version = str(mv.version)
+        # the calibration reference of label-free quality estimation (tuneloop monitor), stored with the version
+        qdir = Path(tempfile.mkdtemp())
+        if write_reference(evaluation / "predictions.jsonl", cfg.evaluate, qdir / REFERENCE_FILE, version=version):
+            reg.log_artifacts(run_id, qdir, "quality")
+            reg.set_version_tag(version, REFERENCE_TAG, f"runs:/{run_id}/quality/{REFERENCE_FILE}")
         reg.log_artifacts(run_id, evaluation, "evaluation")
         card = model_card(cfg, version, tags, report, json.loads((evaluation / "metrics.json").read_text()), gate)
         card_dir = Path(tempfile.mkdtemp())
