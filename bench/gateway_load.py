@@ -11,7 +11,24 @@ each through the registry and /admin/reload, from a separate process, as the pip
 percentiles of both and, as its last line,
     p99_added_ms=<gateway p99 - bare p99> failed=<failed gateway requests>
 
+Variants of the gateway, compared in one invocation (`--variant A,B,...`; each repeat runs the bare server
+and every variant, interleaved, the order reversed on every other repeat so that drift of a shared
+machine's load does not favour one):
+  tracing-off  the gateway as `tuneloop serve` runs it with no OTEL_* variable (the default)
+  tracing-on   the same with OpenTelemetry on through OTEL_EXPORTER_OTLP_ENDPOINT, every request sampled,
+               spans exported over OTLP/HTTP to a collector stand-in (its own process, answering 200)
+  tracing-sampled  tracing-on keeping 10% of the traces (OTEL_TRACES_SAMPLER=parentbased_traceidratio, 0.1:
+               the chart's tracing.sampleRatio)
+  hardened     the default gateway (= tracing-off): API-key authentication, request log spooled to disk
+  plain        without API-key authentication (deploy.auth.enabled: false) and without the disk spool
+               (Gateway(spool=False)): what the hardening costs
+With --repeats N each variant's p99 (and p99 over the bare server) is reported as the median and the
+spread (min..max) of the N runs, and every further variant against the first as the median of the
+per-repeat differences; the last line then reads
+    p99_added_ms=<median, first variant> failed=<all runs> p99_delta_ms.<variant>=<median vs the first> ...
+
     python bench/gateway_load.py [--rate 500] [--seconds 12]
+    BENCH_NO_PII=1 python bench/gateway_load.py --no-rollout --variant tracing-off,tracing-on --repeats 3
 """
 
 from __future__ import annotations
@@ -61,8 +78,37 @@ def operate(config: str, url: str) -> None:
         print("done", flush=True)
 
 
-def serve(kind: str, port: int, config: str) -> None:
-    """Child process: one of the two servers."""
+def collector(port: int) -> None:
+    """Child process: stands in for an OpenTelemetry collector's OTLP/HTTP receiver (reads each export,
+    answers 200), so that the tracing-on gateway pays for exporting over the network."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Receiver(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:  # noqa: N802 - readiness
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    ThreadingHTTPServer(("127.0.0.1", port), Receiver).serve_forever()
+
+
+VARIANTS = ("tracing-off", "tracing-on", "tracing-sampled", "hardened", "plain")
+
+
+def serve(kind: str, port: int, config: str, spool: bool = True) -> None:
+    """Child process: one of the servers (the gateway's variant is in its config and environment)."""
     import logging
 
     import uvicorn
@@ -84,7 +130,7 @@ def serve(kind: str, port: int, config: str) -> None:
         from tuneloop.deploy.gateway import SWITCH_INTERVAL_S, Gateway, create_app
 
         sys.setswitchinterval(SWITCH_INTERVAL_S)  # as `tuneloop serve` does
-        gw = Gateway(load_config(config), backend_factory=lambda version: StubBackend())
+        gw = Gateway(load_config(config), backend_factory=lambda version: StubBackend(), spool=spool)
         gw.reload()
         app = create_app(gw)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
@@ -186,27 +232,43 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=12, help="duration of each server's load")
     ap.add_argument("--no-rollout", action="store_true",
                     help="no canary deploy/promote/rollback during the load (isolates the steady-state overhead)")
-    ap.add_argument("--serve", choices=["bare", "gateway"], help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each server; medians and spreads over them")
+    ap.add_argument("--variant", default="tracing-off",
+                    help=f"comma-separated gateway variants to compare in this invocation: {', '.join(VARIANTS)}")
+    ap.add_argument("--serve", choices=["bare", "gateway", "collector"], help=argparse.SUPPRESS)
+    ap.add_argument("--no-spool", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--operate", metavar="URL", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve == "collector":
+        collector(args.port)
+        return
     if args.serve:
-        serve(args.serve, args.port, args.config)
+        serve(args.serve, args.port, args.config, spool=not args.no_spool)
         return
     if args.operate:
         operate(args.config, args.operate)
         return
 
     import httpx
+    import yaml
 
     from tuneloop.config import load_config
     from tuneloop.feedback.auth import client_token
     from tuneloop.registry import TAG_PIPELINE_RUN, Registry
     from tuneloop.tiny import free_port, tiny_run_config
 
+    variants = [v.strip() for v in args.variant.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants or len(set(variants)) != len(variants) or args.repeats < 1:
+        ap.error(f"--variant: distinct names from {', '.join(VARIANTS)} (got {args.variant!r}); --repeats >= 1")
     root = Path(tempfile.mkdtemp(prefix="tuneloop-gwbench-"))
     config = tiny_run_config(root, root / "unused-model", **({"data__pii__enabled": False} if os.environ.get("BENCH_NO_PII") else {}))
+    plain_config = root / "config-plain.yaml"  # the same state, authentication off
+    raw = yaml.safe_load(config.read_text())
+    raw["deploy"].setdefault("auth", {})["enabled"] = False
+    plain_config.write_text(yaml.safe_dump(raw, sort_keys=False))
     cfg = load_config(config)
     reg = Registry(cfg)
     adapter = root / "adapter"
@@ -219,14 +281,42 @@ def main() -> None:
             versions.append(str(reg.register(rid, adapter, {TAG_PIPELINE_RUN: parent}).version))
     reg.delete_alias("challenger")
 
-    results = {}
-    for kind in ("bare", "gateway"):
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    sink = None
+    if {"tracing-on", "tracing-sampled"} & set(variants):
+        sink_port = free_port()
+        sink = subprocess.Popen([sys.executable, __file__, "--serve", "collector", "--port", str(sink_port)])
+        for _ in range(100):
+            try:
+                httpx.get(f"http://127.0.0.1:{sink_port}/", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+
+    def server(variant: str) -> tuple[list[str], dict[str, str], str | None]:
+        """argv tail, environment and bearer token of one server."""
+        if variant == "bare":
+            return ["--serve", "bare", "--config", str(config)], base_env, None
+        if variant == "plain":
+            return ["--serve", "gateway", "--no-spool", "--config", str(plain_config)], base_env, None
+        env = base_env
+        if variant in ("tracing-on", "tracing-sampled"):
+            env = {**base_env, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+                   "OTEL_TRACES_EXPORTER": "otlp", "OTEL_SERVICE_NAME": "tuneloop-gateway-bench"}
+        if variant == "tracing-sampled":
+            env.update(OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG="0.1")
+        return ["--serve", "gateway", "--config", str(config)], env, "gateway"
+
+    def run_one(variant: str) -> tuple[list[float], int]:
+        reg.delete_alias("canary")  # every run starts from the same routing: the base model, no canary
+        reg.delete_alias("champion")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--port", str(port), "--config",
-                                 str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        argv, env, auth = server(variant)
+        proc = subprocess.Popen([sys.executable, __file__, *argv, "--port", str(port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         try:
-            for _ in range(200):
+            for _ in range(300):
                 try:
                     if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
                         break
@@ -234,7 +324,7 @@ def main() -> None:
                     time.sleep(0.2)
 
             operator = subprocess.Popen([sys.executable, __file__, "--operate", url, "--config", str(config)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=base_env)
             assert operator.stdout is not None and operator.stdin is not None
             operator.stdout.readline()  # "ready": its libraries are loaded before the load starts
 
@@ -247,33 +337,61 @@ def main() -> None:
                 return run
 
             d = args.seconds
-            events = [] if kind == "bare" or args.no_rollout else [
+            events = [] if variant == "bare" or args.no_rollout else [
                 (d * 0.2, act([("canary", versions[0])])),                      # deploy canary v1 (50%)
                 (d * 0.4, act([("champion", versions[0]), ("canary", None)])),  # promote v1
                 (d * 0.6, act([("canary", versions[1])])),                      # deploy canary v2
                 (d * 0.8, act([("canary", None)])),                             # roll v2 back
             ]
-            token = client_token(cfg.state_path) if kind == "gateway" else None
+            token = client_token(cfg.state_path) if auth else None
             asyncio.run(load(url, args.rate, 1.0, [], token))  # warm-up
             lat, failed = asyncio.run(load(url, args.rate, d, events, token))
-            results[kind] = (lat, failed)
             operator.stdin.close()
             operator.wait(10)
-            if kind == "gateway" and not args.no_rollout:
+            if variant != "bare" and not args.no_rollout:
                 state = httpx.get(f"{url}/healthz").json()
                 assert state["champion"] == versions[0] and state["canary"] is None, state
+            return lat, failed
         finally:
             proc.terminate()
             proc.wait(10)
-    for kind, (lat, failed) in results.items():
-        print(f"{kind:8s} n={len(lat):5d} failed={failed} p50={pct(lat, .5):6.2f} ms p90={pct(lat, .9):6.2f} ms "
-              f"p99={pct(lat, .99):6.2f} ms mean={statistics.mean(lat):6.2f} ms")
+
+    runs: dict[str, list[tuple[list[float], int]]] = {k: [] for k in ("bare", *variants)}
+    try:
+        for r in range(args.repeats):
+            order = variants if r % 2 == 0 else variants[::-1]
+            for kind in ("bare", *order):
+                lat, failed = run_one(kind)
+                runs[kind].append((lat, failed))
+                print(f"run {r + 1}/{args.repeats} {kind:11s} n={len(lat):5d} failed={failed} p50={pct(lat, .5):6.2f} "
+                      f"ms p90={pct(lat, .9):6.2f} ms p99={pct(lat, .99):6.2f} ms mean={statistics.mean(lat):6.2f} ms",
+                      flush=True)
+    finally:
+        if sink is not None:
+            sink.terminate()
+            sink.wait(10)
+
+    def spread(xs: list[float]) -> str:
+        return f"median {statistics.median(xs):6.2f} ms (spread {min(xs):.2f}..{max(xs):.2f}; runs " \
+               f"{' '.join(f'{x:.2f}' for x in xs)})"
+
+    p99 = {k: [pct(lat, .99) for lat, _ in v] for k, v in runs.items()}
+    added = {k: [g - b for g, b in zip(p99[k], p99["bare"])] for k in variants}
+    for kind in ("bare", *variants):
+        print(f"{kind:11s} p99 {spread(p99[kind])}")
+    for kind in variants:
+        print(f"{kind:11s} p99 - bare p99 {spread(added[kind])}")
+    deltas = {k: [x - y for x, y in zip(p99[k], p99[variants[0]])] for k in variants[1:]}
+    for kind, xs in deltas.items():
+        print(f"{kind} - {variants[0]} p99 (paired per repeat) {spread(xs)}")
     if FAILURES:
         print("failures:", sorted(set(FAILURES)))
-    added = pct(results["gateway"][0], .99) - pct(results["bare"][0], .99)
-    print(f"rate {args.rate:.0f} req/s for {args.seconds:.0f} s each; during the gateway's run: canary v"
-          f"{versions[0]} deployed, promoted; canary v{versions[1]} deployed, rolled back")
-    print(f"p99_added_ms={added:.2f} failed={results['gateway'][1]}")
+    print(f"rate {args.rate:.0f} req/s for {args.seconds:.0f} s each, {args.repeats} repeat(s); " + (
+        "no rollout during the load" if args.no_rollout else f"during each gateway run: canary v{versions[0]} "
+        f"deployed, promoted; canary v{versions[1]} deployed, rolled back"))
+    failed = sum(f for k in variants for _, f in runs[k])
+    print(f"p99_added_ms={statistics.median(added[variants[0]]):.2f} failed={failed}"
+          + "".join(f" p99_delta_ms.{k}={statistics.median(xs):.2f}" for k, xs in deltas.items()))
 
 
 if __name__ == "__main__":

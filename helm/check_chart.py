@@ -12,10 +12,17 @@ For every helm/tuneloop/values-*.yaml (an environment):
      ServiceAccount, which the chart renders (or the values name as existing), with no API token
      except the pipeline's (the only account bound to a Role); a rendered Namespace carries valid
      pod-security.kubernetes.io labels; an Istio AuthorizationPolicy also passes the rules its CRD
-     states as CEL (x-kubernetes-validations), which a JSON-schema validator does not run
+     states as CEL (x-kubernetes-validations), which a JSON-schema validator does not run; a
+     PrometheusRule (Prometheus Operator CRD, strict) has unique group names (the CRD's list-map key)
+     and rules that are each an alert or a record, and passes `promtool check rules`; with
+     tracing.enabled every Deployment/Job/CronJob container gets the OTEL_* variables (none without)
 Each environment is rendered twice: as its values file says, and with the opt-in options on
 (OPTIONS: the Istio AuthorizationPolicy, the Namespace object where the namespace is not a Kubeflow
-profile's); steps 2-5 and 6-7 below run on both.
+profile's, the PrometheusRule, OTEL_* tracing variables); steps 2-5 and 6-7 below run on both.
+Alert rules (helm/alert_rules.py): the plain rules file helm/tuneloop/files/prometheus-rules.yaml is what
+alert_rules.py renders from values.yaml's runConfig and helm/alert-baselines.json (not stale), passes
+`promtool check rules`, and `promtool test rules helm/alert_rules_test.yaml` passes; without promtool
+(Debian: apt-get install prometheus) both promtool steps are skipped, saying so.
 The compiled pipeline the upload Job ships (pipelines/continuous_training.yaml) is parsed
 strictly into KFP's PipelineSpec (and kfp-kubernetes' PlatformSpec when present). Then, over all environments at once:
   6. yamllint on the chart's own YAML and on every rendered manifest
@@ -63,11 +70,17 @@ CUSTOM_KINDS = {
         ("trainer.kubeflow.org_clustertrainingruntimes.yaml", "ClusterTrainingRuntime"),
     ("security.istio.io/v1", "AuthorizationPolicy"):
         ("security.istio.io_authorizationpolicies.yaml", "AuthorizationPolicy"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"):
+        ("monitoring.coreos.com_prometheusrules.yaml", "PrometheusRule"),
 }
 DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.train"]
 # the opt-in options, rendered on top of every environment as a second variant (namespace.create is
 # left out where the release namespace is the Kubeflow profile namespace: the chart refuses it there)
-OPTIONS = {"mesh": {"istio": {"enabled": True, "cni": True}}, "namespace": {"create": True}}
+OPTIONS = {"mesh": {"istio": {"enabled": True, "cni": True}}, "namespace": {"create": True},
+           "alerts": {"enabled": True, "labels": {"release": "kube-prometheus-stack"},
+                      "ruleLabels": {"team": "ml-platform"}},
+           "tracing": {"enabled": True, "otlpEndpoint": "http://otel-collector.observability.svc.cluster.local:4318",
+                       "sampleRatio": 0.25}}
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "TrainingRuntime", "Pod")
 
 
@@ -383,8 +396,62 @@ def authorization_policy_violations(obj: dict[str, Any]) -> list[str]:
     return out
 
 
+def prometheus_rule_violations(obj: dict[str, Any]) -> list[str]:
+    """What the PrometheusRule CRD states beyond its JSON schema (group names are the list's map key) and
+    what the Operator refuses: a rule is an alert or a record, never both or neither."""
+    out = []
+    names = [g.get("name") for g in (obj.get("spec") or {}).get("groups") or []]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        out.append(f"groups: the name {dup!r} is used twice (spec.groups is a map keyed by name)")
+    for g in (obj.get("spec") or {}).get("groups") or []:
+        for i, r in enumerate(g.get("rules") or []):
+            if ("alert" in r) == ("record" in r):
+                out.append(f"groups[{g.get('name')}].rules[{i}]: exactly one of `alert` and `record`")
+            if "record" in r and ("for" in r or "annotations" in r):
+                out.append(f"groups[{g.get('name')}].rules[{i}]: a recording rule takes no `for` or `annotations`")
+    return out
+
+
+def promtool_check(groups: list[dict[str, Any]] | None = None, path: Path | None = None) -> tuple[str, str | None]:
+    """`promtool check rules` on a rules file (or on `groups`, written to a temporary one):
+    ('ok' | 'failed' | 'skipped', promtool's output or why it was skipped)."""
+    import tempfile
+
+    exe = shutil.which("promtool")
+    if not exe:
+        return "skipped", "promtool not found (Debian: apt-get install prometheus)"
+    with tempfile.TemporaryDirectory() as d:
+        if path is None:
+            path = Path(d) / "rules.yaml"
+            path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+        r = subprocess.run([exe, "check", "rules", str(path)], capture_output=True, text=True)
+    return ("ok" if r.returncode == 0 else "failed"), (r.stdout + r.stderr).strip()
+
+
+def tracing_violations(objs: list[dict[str, Any]], values: dict[str, Any]) -> list[str]:
+    """tracing.enabled: every container of every Deployment, Job and CronJob carries the OTEL_* variables that
+    point it at the collector; off: none carries any OTEL_* variable (no SDK is loaded)."""
+    t = values.get("tracing") or {}
+    out = []
+    for o in objs:
+        if o["kind"] not in ("Deployment", "Job", "CronJob"):
+            continue
+        for _, pod in pod_specs(o):
+            for c in pod.get("containers") or []:
+                env = {e["name"]: e.get("value") for e in c.get("env") or [] if e["name"].startswith("OTEL_")}
+                where = f"{o['kind']}/{o['metadata']['name']} container {c['name']}"
+                if not t.get("enabled"):
+                    if env:
+                        out.append(f"{where}: {sorted(env)} set while tracing.enabled is false")
+                elif env.get("OTEL_EXPORTER_OTLP_ENDPOINT") != t.get("otlpEndpoint") \
+                        or env.get("OTEL_TRACES_EXPORTER") != "otlp" or not env.get("OTEL_SERVICE_NAME"):
+                    out.append(f"{where}: not pointed at the collector {t.get('otlpEndpoint')} (OTEL_* {env})")
+    return out
+
+
 def policy_violations(objs: list[dict[str, Any]], values: dict[str, Any]) -> list[str]:
-    """Step 5: restricted pod specs, accounts, namespace labels, AuthorizationPolicy CEL rules."""
+    """Step 5: restricted pod specs, accounts, namespace labels, AuthorizationPolicy CEL rules, PrometheusRule
+    groups and rules (promtool included where it is installed)."""
     out = []
     for o in objs:
         name = f"{o['kind']}/{o['metadata']['name']}"
@@ -392,8 +459,14 @@ def policy_violations(objs: list[dict[str, Any]], values: dict[str, Any]) -> lis
             out += [f"{name} {where}: {v} (Pod Security Standard restricted)" for v in restricted_violations(pod)]
         if o["kind"] == "AuthorizationPolicy":
             out += [f"{name}: {v}" for v in authorization_policy_violations(o)]
+        if o["kind"] == "PrometheusRule":
+            out += [f"{name}: {v}" for v in prometheus_rule_violations(o)]
+            how, text = promtool_check((o.get("spec") or {}).get("groups") or [])
+            if how == "failed":
+                out.append(f"{name}: promtool check rules: {text}")
     out += account_violations(objs, values)
     out += [v for v in namespace_violations(objs) if "(the namespace enforces restricted)" not in v]
+    out += tracing_violations(objs, values)
     return out
 
 
@@ -486,7 +559,8 @@ def check_environment(rep: Report, env: str, values_file: Path, out: Path) -> in
         for v in policy_violations(plain, vals):
             rep.fail(f"[{variant}] {v}")
         pods = sum(len(pod_specs(o)) for o in plain)
-        extra = sorted({o["kind"] for o in plain if o["kind"] in ("Namespace", "AuthorizationPolicy")})
+        extra = sorted({o["kind"] for o in plain if o["kind"] in ("Namespace", "AuthorizationPolicy",
+                                                                  "PrometheusRule")})
         skipped = (f", {counts['skipped']} custom resource(s) not validated ({CRD_DIR} missing)"
                    if counts["skipped"] else "")
         rep.ok(f"[{variant}] rendered {len(objs)} objects{' incl. ' + ', '.join(extra) if extra else ''}; "
@@ -495,6 +569,41 @@ def check_environment(rep: Report, env: str, values_file: Path, out: Path) -> in
                f"ServiceAccounts one per workload{'; ' + lint_note if variant == env else ''}")
         total += len(objs)
     return total
+
+
+def _alert_rules() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("alert_rules", ROOT / "helm" / "alert_rules.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["alert_rules"] = mod  # its dataclass looks its module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def check_alerts(rep: Report) -> None:
+    """The plain rules file: not stale, `promtool check rules`, `promtool test rules` on its unit tests."""
+    ar = _alert_rules()
+    want = ar.rules_yaml(ar.monitor_section(CHART / "values.yaml"), ar.load_baselines(ar.BASELINES_FILE))
+    rel = ar.RULES_FILE.relative_to(ROOT)
+    if not ar.RULES_FILE.exists() or ar.RULES_FILE.read_text() != want:
+        rep.fail(f"{rel} is stale: run .venv/bin/python helm/alert_rules.py")
+        return
+    how, text = promtool_check(path=ar.RULES_FILE)
+    if how == "skipped":
+        rep.ok(f"alert rules: {rel} up to date; promtool check/test rules SKIPPED: {text}")
+        return
+    if how == "failed":
+        rep.fail(f"promtool check rules {rel}: {text}")
+        return
+    r = subprocess.run([shutil.which("promtool"), "test", "rules", ar.TEST_FILE.name], cwd=ar.TEST_FILE.parent,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        rep.fail(f"promtool test rules {ar.TEST_FILE.relative_to(ROOT)}: {(r.stdout + r.stderr).strip()[-3000:]}")
+        return
+    n = len(yaml.safe_load(ar.TEST_FILE.read_text())["tests"])
+    rep.ok(f"alert rules: {rel} up to date ({text.splitlines()[-1].strip()}); promtool test rules "
+           f"{ar.TEST_FILE.relative_to(ROOT)}: {n} tests pass")
 
 
 def check_yamllint(rep: Report, out: Path) -> None:
@@ -591,6 +700,9 @@ def main(argv: list[str] | None = None) -> int:
         rep.fail(f"no values-*.yaml in {CHART}")
     total = sum(check_environment(rep, env, path, args.out) for env, path in envs)
     rep.timings["render+lint+validate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    check_alerts(rep)
+    rep.timings["alert rules"] = time.perf_counter() - t
     t = time.perf_counter()
     check_yamllint(rep, args.out)
     rep.timings["yamllint"] = time.perf_counter() - t

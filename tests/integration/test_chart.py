@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -744,3 +745,67 @@ def test_release_pipeline_and_monitor_reach_the_release_services(rendered, tmp_p
                              f"{svc['spec']['ports'][0]['port']}/v1/kserve-events"), logger
     assert isvc["metadata"]["namespace"] == svc["metadata"]["namespace"]
     assert isvc["spec"]["predictor"]["storageUris"][0]["uri"] == f"pvc://{claim}/models/base"
+
+
+# -- alerts: the PrometheusRule ------------------------------------------------------------------------------
+def _rule_names(groups: list[dict]) -> list[tuple[str, list[str]]]:
+    return [(g["name"], [r.get("alert") or r.get("record") for r in g["rules"]]) for g in groups]
+
+
+def test_prometheus_rule_is_opt_in(rendered):
+    env, objs = rendered
+    assert by_kind(objs, "PrometheusRule") == [], env
+
+
+def test_prometheus_rule_is_the_plain_rules_file_and_valid_against_the_operator_crd(rendered_with_options):
+    env, objs = rendered_with_options
+    (rule,) = by_kind(objs, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["metadata"]["namespace"] == "tuneloop"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"  # alerts.labels: the ruleSelector's
+    assert check_chart.validate_object(rule) == ("crd", None)
+    assert check_chart.prometheus_rule_violations(rule) == []
+    how, out = check_chart.promtool_check(rule["spec"]["groups"])
+    assert how in ("ok", "skipped"), out
+    plain = yaml.safe_load((check_chart.CHART / "files" / "prometheus-rules.yaml").read_text())["groups"]
+    assert _rule_names(rule["spec"]["groups"]) == _rule_names(plain)
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    for name, r in alerts.items():  # the plain file's rules, plus alerts.ruleLabels on every alert
+        (orig,) = [o for g in plain for o in g["rules"] if o.get("alert") == name]
+        assert r["expr"] == orig["expr"] and r["labels"] == {**orig["labels"], "team": "ml-platform"}, name
+        assert r["labels"]["severity"] in ("critical", "warning", "info") and r["annotations"]["summary"], name
+    assert {"TuneloopErrorRateHigh", "TuneloopLatencyP95High", "TuneloopLatencyP99High", "TuneloopCanaryRolledBack",
+            "TuneloopFeedbackOutOfControl", "TuneloopPromptDrift", "TuneloopRequestLogRejected",
+            "TuneloopRequestLogDropped", "TuneloopMonitorSLOBreach"} <= set(alerts)
+    # the error-rate SLO of the run config's monitor section (default 0.01) is the threshold
+    assert "tuneloop_variant:request_error_ratio:rate > 0.01 " in alerts["TuneloopErrorRateHigh"]["expr"]
+
+
+def test_prometheus_rule_checks_bite():
+    values = with_changes(env_values("staging"), {"alerts": {"enabled": True}})
+    (rule,) = by_kind(render(values), "PrometheusRule")
+    assert "team" not in json.dumps([r["labels"] for g in rule["spec"]["groups"] for r in g["rules"] if "labels" in r])
+    bad = json.loads(json.dumps(rule))
+    bad["spec"]["groups"][0]["rules"][3]["for"] = "5 minutes"
+    assert "does not match" in check_chart.validate_object(bad)[1]
+    bad = json.loads(json.dumps(rule))
+    bad["spec"]["groups"][0]["rules"][3]["severity"] = "critical"  # belongs under labels
+    assert "'severity' was unexpected" in check_chart.validate_object(bad)[1]
+    bad = json.loads(json.dumps(rule))
+    bad["spec"]["groups"][1]["name"] = bad["spec"]["groups"][0]["name"]
+    bad["spec"]["groups"][0]["rules"][0]["alert"] = "Both"
+    assert check_chart.prometheus_rule_violations(bad) == [
+        "groups: the name 'tuneloop-serving' is used twice (spec.groups is a map keyed by name)",
+        "groups[tuneloop-serving].rules[0]: exactly one of `alert` and `record`"]
+    if shutil.which("promtool"):
+        bad = json.loads(json.dumps(rule))
+        bad["spec"]["groups"][0]["rules"][3]["expr"] = "rate(tuneloop_requests_total[5m] > 0"
+        how, out = check_chart.promtool_check(bad["spec"]["groups"])
+        assert how == "failed" and "parse error" in out
+        assert any("promtool check rules" in v for v in check_chart.policy_violations([bad], values))
+
+
+def test_alerts_groups_replace_the_bundled_rules():
+    groups = [{"name": "custom", "rules": [{"alert": "GatewayDown", "expr": "up == 0", "for": "1m"}]}]
+    values = with_changes(env_values("prod"), {"alerts": {"enabled": True, "groups": groups}})
+    (rule,) = by_kind(render(values), "PrometheusRule")
+    assert rule["spec"]["groups"] == groups and check_chart.validate_object(rule) == ("crd", None)

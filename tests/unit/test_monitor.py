@@ -62,7 +62,8 @@ def test_feedback_service_pairs_kserve_events_and_takes_feedback(tmp_path, monke
     c = TestClient(create_feedback_service(store, guard))
     assert c.get("/healthz").json() == {"status": "ok"}
     ev = {"ce-id": "ev-1", "ce-inferenceservicename": "tuneloop-demo", **h["kserve"]}
-    r = c.post("/v1/kserve-events", json={"messages": [{"role": "user", "content": "where is my parcel"}]},
+    r = c.post("/v1/kserve-events", json={"messages": [{"role": "user", "content": "where is my parcel"}],
+                                          "metadata": {"slice": "ticket_routing"}},
                headers={**ev, "ce-type": "org.kubeflow.serving.inference.request"})
     assert r.json() == {"status": "pending"}
     r = c.post("/v1/kserve-events", json={"choices": [{"message": {"content": "shipping"}}]},
@@ -71,6 +72,7 @@ def test_feedback_service_pairs_kserve_events_and_takes_feedback(tmp_path, monke
     assert c.post("/v1/feedback", json={"request_id": "ev-1", "thumbs": "up"}, headers=h["app"]).status_code == 200
     rows = store.rows()
     assert rows[0]["prompt"] == "where is my parcel" and rows[0]["output"] == "shipping" and rows[0]["score"] == 1.0
+    assert rows[0]["slice"] == "ticket_routing", "KServe traffic is monitored per slice too"
     assert c.post("/v1/kserve-events", json={}, headers={"ce-type": "x.request", **h["kserve"]}).status_code == 400
     # a response whose request has not come (yet, or to another replica) waits for it in the database
     r = c.post("/v1/kserve-events", json={}, headers={"ce-id": "nope", "ce-type": "x.response", **h["kserve"]})

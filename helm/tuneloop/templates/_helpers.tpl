@@ -266,6 +266,35 @@ Argument: (dict "ctx" $ "user" "monitor" | "training").
 {{- end -}}
 
 {{/*
+OpenTelemetry: the standard OTEL_* variables that point a component at the collector (tracing.enabled);
+nothing when tracing is off (tuneloop then imports no OpenTelemetry SDK). Argument: (dict "ctx" $ "component"
+"feedback"); the service name is tuneloop-<component>.
+*/}}
+{{- define "tuneloop.otelEnv" -}}
+{{- $t := .ctx.Values.tracing -}}
+{{- if $t.enabled }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $t.otlpEndpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: http/protobuf
+- name: OTEL_TRACES_EXPORTER
+  value: otlp
+- name: OTEL_METRICS_EXPORTER
+  value: none
+- name: OTEL_LOGS_EXPORTER
+  value: none
+- name: OTEL_SERVICE_NAME
+  value: {{ printf "tuneloop-%s" .component | quote }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ printf "service.namespace=%s,deployment.environment.name=%s,service.version=%s" .ctx.Release.Namespace .ctx.Values.environment .ctx.Chart.AppVersion | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: parentbased_traceidratio
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ $t.sampleRatio | toString | quote }}
+{{- end }}
+{{- end -}}
+
+{{/*
 checkov findings this chart accepts, each with its reason (helm/check_chart.py fails on any
 other failed check, and on a skip without a reason). Argument: (dict "ctx" $ "secretsInEnv" bool).
 */}}
@@ -365,6 +394,9 @@ Called from every template that depends on them (the result is empty).
 {{- end -}}
 {{- if and $v.feedback.enabled (not $v.feedback.auth.existingSecret) -}}
 {{- fail "feedback.enabled but feedback.auth.existingSecret is empty: the feedback service refuses to start without API keys and a user-id secret (README \"Install per environment\")" -}}
+{{- end -}}
+{{- if and $v.tracing.enabled (not $v.tracing.otlpEndpoint) -}}
+{{- fail "tracing.enabled but tracing.otlpEndpoint is empty: name the OpenTelemetry collector's OTLP/HTTP endpoint (e.g. http://otel-collector.observability:4318)" -}}
 {{- end -}}
 {{- include "tuneloop.validateNamespace" . -}}
 {{- end -}}

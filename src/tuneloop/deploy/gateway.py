@@ -26,6 +26,11 @@ Hardening (the loop learns from what users send, so the write path is guarded):
   reason; only an alias that is really not set reads as "not set".
 - The request log is spooled to <state_dir>/spool before a request is answered (feedback/spool.py)
   and replayed at the next start.
+
+Tracing (tuneloop/tracing.py; off unless OTEL_* asks for it): a server span per request; the request id is
+then the span's trace id + span id, so the request log names each row's trace.
+`tuneloop_canary_decisions_total{decision}` counts canaries (or shadows) that left the routing at a reload:
+`promote` when the version became the champion, `rollback` when it was removed without.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
+from tuneloop import tracing
 from tuneloop.config import RunConfig
 from tuneloop.feedback.auth import Guard
 from tuneloop.feedback.service import (RequestLogCollector, add_feedback_route, add_review_routes, content_text, error,
@@ -116,14 +122,17 @@ def in_canary(user_id: str, percent: int) -> bool:
 
 
 class Gateway:
-    def __init__(self, cfg: RunConfig, backend_factory: Callable[[str | None], Backend] | None = None) -> None:
+    def __init__(self, cfg: RunConfig, backend_factory: Callable[[str | None], Backend] | None = None,
+                 spool: bool = True) -> None:
+        """`spool=False` (the load benchmark's `plain` variant only) keeps the request log's queue in memory."""
         from tuneloop.registry import Registry
 
         self.cfg = cfg
         self._backend_factory = backend_factory or self.load_backend
         self.registry = Registry(cfg)
         self.guard = Guard.from_config(cfg.deploy.auth, cfg.deploy.limits, state_dir=cfg.state_path)
-        self.store = FeedbackStore(cfg.feedback_db, scrubber=pii_scrubber(cfg), spool_dir=cfg.state_path / "spool")
+        self.store = FeedbackStore(cfg.feedback_db, scrubber=pii_scrubber(cfg),
+                                   spool_dir=cfg.state_path / "spool" if spool else None)
         self.faults: dict[str, dict[str, float]] = {}  # role -> {error_rate, added_latency_ms} (admin, game days)
         self.cache_dir = cfg.state_path / "serving"
         self.variants: dict[str, Variant] = {}
@@ -142,6 +151,11 @@ class Gateway:
                                     registry=self.metrics, buckets=(0, .25, .5, .75, 1))
         self.m_refused = Counter("tuneloop_refused", "Requests refused before any work (401, 403, 413, 429, ...)",
                                  ["status"], registry=self.metrics)
+        self.m_decisions = Counter("tuneloop_canary_decisions", "Canaries (or shadows) that left the routing at a "
+                                   "reload: promote (became the champion) or rollback (removed without)",
+                                   ["decision"], registry=self.metrics)
+        for decision in ("promote", "rollback"):  # exported from the start, so the first one is an increase
+            self.m_decisions.labels(decision)
         self.metrics.register(RequestLogCollector(self.store))
 
     # -- models --
@@ -177,10 +191,20 @@ class Gateway:
                 percent = int(canary.tags.get("tuneloop.canary_percent", self.cfg.deploy.canary.traffic_percent))
             if shadow is not None:  # mirrored traffic only: its answers are logged, never returned
                 new["shadow"] = self._load("shadow", str(shadow.version))
-            self.variants, self.canary_percent = new, percent  # atomic swap; in-flight requests keep theirs
+            old, self.variants, self.canary_percent = self.variants, new, percent  # atomic swap; in-flight
+            self._count_decisions(old, new)  # requests keep theirs
             keep = {v.version for v in new.values()}
             self._loaded = {k: b for k, b in self._loaded.items() if k in keep}
             return self.state()
+
+    def _count_decisions(self, old: dict[str, Variant], new: dict[str, Variant]) -> None:
+        for role in ("canary", "shadow"):
+            before = old.get(role)
+            if before is not None and (role not in new or new[role].version != before.version):
+                self.m_decisions.labels("promote" if new["champion"].version == before.version else "rollback").inc()
+        for v in new.values():  # both outcomes exported from the start: an alert sees the first error
+            for status in ("ok", "error"):
+                self.m_requests.labels(v.version, v.role, status)
 
     def state(self) -> dict[str, Any]:
         return {"champion": self.variants["champion"].version if "champion" in self.variants else None,
@@ -282,6 +306,8 @@ def _number(body: dict[str, Any], key: str, low: float, high: float) -> float:
 def create_app(gw: Gateway) -> FastAPI:
     app = FastAPI(title="tuneloop gateway", lifespan=store_lifespan(gw.store))
     guard = gw.guard
+    traced = tracing.instrument_app(app, "tuneloop-gateway")
+    new_request_id = tracing.request_id if traced else (lambda: uuid.uuid4().hex)
     install_problem_handler(app, gw.m_refused)
 
     @app.get("/healthz")
@@ -354,7 +380,9 @@ def create_app(gw: Gateway) -> FastAPI:
         except KeyError:
             return error(404, f"unknown model {body.get('model')!r}; serving {sorted(gw.state().values(), key=str)}")
         messages = operator_first(messages, gw.cfg.data.system_prompt)
-        rid = uuid.uuid4().hex
+        rid = new_request_id()
+        if traced:  # the request id is the span's own trace id + span id: no attribute needed for it
+            tracing.annotate({"tuneloop.variant": variant.role, "tuneloop.model_version": variant.version})
         started = time.perf_counter()
         status, text, p_tok, c_tok = "ok", "", 0, 0
         try:

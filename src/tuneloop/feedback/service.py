@@ -13,6 +13,9 @@ read as a stream and refused with 413 as soon as they pass `deploy.limits.max_bo
 (409 for a second), rate limits per API key and per user (429, Retry-After), and corrections
 flagged trusted or not by `deploy.auth.trust_corrections`; admins list and review them at
 `GET /admin/corrections` and `POST /admin/corrections/review`.
+
+Tracing (tuneloop/tracing.py; off unless OTEL_* asks for it): the feedback service gets a server span per
+request; feedback (here and in the gateway) names the request it rates and links to that request's span.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import OperationalError
 
+from tuneloop import tracing
 from tuneloop.feedback.auth import Guard, Problem
 from tuneloop.feedback.store import FeedbackExists, FeedbackStore, check_request_fields
 
@@ -175,6 +179,7 @@ def add_feedback_route(app: FastAPI, store: FeedbackStore, guard: Guard,
         except ValueError as e:
             return error(400, str(e))
         rid = body["request_id"]
+        tracing.annotate({"tuneloop.request_id": rid}, link_request=rid)
         try:  # the database and the scrubber block: in a worker thread, never on the event loop
             info = await in_db_thread(store.request_info, rid)
             if info is None:
@@ -295,6 +300,7 @@ def create_feedback_service(store: FeedbackStore, guard: Guard, pending_max_byte
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
     app = FastAPI(title="tuneloop feedback service", lifespan=store_lifespan(store))
+    tracing.instrument_app(app, "tuneloop-feedback")
     metrics = CollectorRegistry()
     metrics.register(RequestLogCollector(store, halves=True))
     install_problem_handler(app, Counter("tuneloop_refused", "Requests refused before any work (401, 403, 413, "
@@ -333,6 +339,7 @@ def create_feedback_service(store: FeedbackStore, guard: Guard, pending_max_byte
         kind = "request" if ce_type.endswith(".request") else "response" if ce_type.endswith(".response") else None
         if kind is None:
             return error(400, f"unknown ce-type {ce_type!r}")
+        tracing.annotate({"tuneloop.request_id": ce_id, "tuneloop.event": kind})
         fields: dict[str, Any]
         try:
             check_request_fields({"request_id": "ce-id"}, request_id=ce_id)
@@ -340,13 +347,17 @@ def create_feedback_service(store: FeedbackStore, guard: Guard, pending_max_byte
                 # each revision's logger URL carries its version and variant (deploy/kserve.py)
                 q = request.query_params
                 user = body.get("user") if isinstance(body, dict) else None
+                meta = body.get("metadata") if isinstance(body, dict) else None
                 fields = {"prompt": _chat_text(body, "request"),
+                          # the slice, as the gateway takes it: per-slice monitoring of KServe traffic
+                          "slice": str(meta.get("slice", "")) if isinstance(meta, dict) else "",
                           "user_id": guard.users(str(user)) if isinstance(user, (str, int)) else "",
                           "model_version": q.get("version") or request.headers.get("ce-inferenceservicename", ""),
                           "variant": q.get("variant") or "champion"}
                 if fields["variant"] not in VARIANTS:
                     raise ValueError(f"`variant` must be one of {', '.join(VARIANTS)}, not {fields['variant']!r}")
-                check_request_fields(model_version=fields["model_version"])
+                check_request_fields({"slice": "`metadata.slice`"}, model_version=fields["model_version"],
+                                     slice=fields["slice"])
             else:
                 fields = {"output": _chat_text(body, "response")}
         except ValueError as e:

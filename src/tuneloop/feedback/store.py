@@ -414,7 +414,7 @@ class FeedbackStore:
             r, o = json.loads(req), json.loads(resp)
             conn.execute(self._insert, [{
                 "request_id": ce_id, "created": r["created"], "user_id": r.get("user_id", ""),
-                "model_version": r.get("model_version", ""), "variant": r.get("variant", "champion"), "slice": "",
+                "model_version": r.get("model_version", ""), "variant": r.get("variant", "champion"), "slice": r.get("slice", ""),
                 "prompt": r.get("prompt", ""), "output": o.get("output", ""), "status": "ok",
                 "latency_ms": max(0.0, (o["created"] - r["created"]) * 1000)}])
         return "recorded"

@@ -12,6 +12,7 @@ from typing import Any
 from tuneloop.config import RunConfig
 from tuneloop.registry import NOTE, Registry
 from tuneloop.stages.story import tell_story
+from tuneloop.tracing import stage_span
 
 log = logging.getLogger("tuneloop.stages")
 
@@ -24,7 +25,7 @@ def timed_stage(reg: Registry, parent_id: str, stage: str, fn: Callable[[str], d
     """Run one stage in its own run: wall time, outcome, and the description (the result's `description`,
     else its outcome); then the pipeline run's story is brought up to date."""
     started = time.perf_counter()
-    with reg.stage_run(parent_id, stage) as run_id:
+    with reg.stage_run(parent_id, stage) as run_id, stage_span(stage, run_id, parent_id):
         result = fn(run_id)
         wall = time.perf_counter() - started
         reg.log_metrics(run_id, {"stage_wall_s": wall})

@@ -12,6 +12,7 @@ from tuneloop.config import RunConfig
 from tuneloop.registry import NOTE, TAG_BASE_MODEL, TAG_DATA_HASH, Registry
 from tuneloop.stages.common import PrerequisiteError, flatten, timed_stage, record_verdict, base_model_dir
 from tuneloop.stages.story import close_abandoned_runs, tell_story
+from tuneloop.tracing import stage_span
 
 
 # 1 -------------------------------------------------------------------------------------------
@@ -47,7 +48,7 @@ def check_prerequisites(cfg: RunConfig, run_name: str, kfp_run_id: str) -> dict[
     parent = reg.start_pipeline_run(run_name, kfp_run_id, params)
     reg.set_tag(parent, TAG_BASE_MODEL, cfg.base_model.name)
     outcome = "ok" + (f"; closed {len(closed)} runs an earlier process left open" if closed else "")
-    with reg.stage_run(parent, "check_prerequisites") as run_id:
+    with reg.stage_run(parent, "check_prerequisites") as run_id, stage_span("check_prerequisites", run_id, parent):
         reg.log_metrics(run_id, {"stage_wall_s": time.perf_counter() - started, "abandoned_runs_closed": len(closed)})
         reg.set_tag(run_id, "tuneloop.outcome", outcome)
         reg.set_tag(run_id, NOTE, f"**ok**: {len(cfg.data.sources) + len(cfg.data.eval)} data sources readable, base "
