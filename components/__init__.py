@@ -8,7 +8,7 @@ from tuneloop.components.data import ingest, validate_data
 from tuneloop.components.deploy import analyze_canary, deploy_canary, finalize, promote, register, rollback, stop
 from tuneloop.components.evaluate import evaluate
 from tuneloop.components.prerequisites import check_prerequisites
-from tuneloop.components.train import dpo, sft
+from tuneloop.components.train import dpo, reward, rl, sft
 
 __all__ = ["analyze_canary", "check_prerequisites", "deploy_canary", "dpo", "evaluate", "finalize", "ingest", "promote",
-           "register", "rollback", "sft", "stop", "validate_data"]
+           "register", "reward", "rl", "rollback", "sft", "stop", "validate_data"]

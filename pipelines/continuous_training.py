@@ -1,8 +1,15 @@
 """The continuous-training DAG (see README: architecture).
 
-check_prerequisites -> ingest -> validate_data -(gate)-> sft -> dpo -> evaluate -(gate)->
-register -> deploy_canary -> analyze_canary -> promote | rollback, inside an exit handler
+check_prerequisites -> ingest -> validate_data -(gate)-> sft -> dpo -> rl -> evaluate -(gate)->
+register -> deploy_canary -> analyze_canary -> promote | rollback, with `reward` (from the dataset, next to sft)
+feeding rl, inside an exit handler
 (`finalize`) that rolls back a live canary and closes the MLflow runs of a failed or cancelled run
+
+The alignment path (`train.alignment`) is chosen by the run config inside the stages, not by DAG branches: the
+tasks off the path pass the adapter through in seconds (dpo under reward+rl and none; reward and rl under dpo and
+none, without an MLflow run of their own). The chain is the same in every run, so evaluate always reads rl's
+adapter: the SFT+DPO adapter, the SFT+RL adapter, or the SFT adapter. (Branching with dsl.If/Else and joining
+with dsl.OneOf compiles, but kfp.local cannot select an artifact from a OneOf, and `tuneloop run` must work.)
 
 The same pipeline runs on Kubeflow Pipelines (compiled YAML next to this file) and on one
 machine with kfp.local (`tuneloop run`). The run config travels as one `config` parameter
@@ -63,8 +70,9 @@ def build_pipeline(platform: PlatformConfig, k8s: KubernetesConfig,  # noqa: ANN
         return task
 
     @dsl.pipeline(name=PIPELINE_NAME,
-                  description="Ingest, validate, SFT + DPO (DeepSpeed ZeRO-3), gated evaluation against the "
-                              "champion, MLflow registry, canary rollout with automatic promotion or rollback.")
+                  description="Ingest, validate, SFT + DPO or reward model + online RL (DeepSpeed ZeRO-3), gated "
+                              "evaluation against the champion, MLflow registry, canary rollout with automatic "
+                              "promotion or rollback.")
     def continuous_training(config: dict, run_name: str = "tuneloop"):
         # runs last whatever happens: a failed or cancelled run leaves no canary live and no MLflow run open
         fin = cpu(c.finalize(config=config, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
@@ -84,12 +92,17 @@ def build_pipeline(platform: PlatformConfig, k8s: KubernetesConfig,  # noqa: ANN
                 sft = gpu(c.sft(config=config, parent_run_id=parent, dataset=data.outputs["dataset"]), t_train)
                 dpo = gpu(c.dpo(config=config, parent_run_id=parent, dataset=data.outputs["dataset"],
                                 sft_adapter=sft.outputs["adapter"]), t_train)
+                rw = gpu(c.reward(config=config, parent_run_id=parent, dataset=data.outputs["dataset"]), t_train)
+                rw.set_caching_options(False)  # may reuse whatever reward model is champion now
+                rl = gpu(c.rl(config=config, parent_run_id=parent, policy_adapter=dpo.outputs["adapter"],
+                              reward_model=rw.outputs["reward_model"]), t_train)
+                aligned = rl.outputs["adapter"]
                 ev = gpu(c.evaluate(config=config, parent_run_id=parent, dataset=data.outputs["dataset"],
-                                    adapter=dpo.outputs["adapter"]), t_task)
+                                    adapter=aligned), t_task)
                 ev.set_caching_options(False)  # compares against whatever is champion now
 
                 with dsl.If(ev.outputs["passed"] == True, name="evaluation-gate"):  # noqa: E712
-                    reg = cpu(c.register(config=config, parent_run_id=parent, adapter=dpo.outputs["adapter"],
+                    reg = cpu(c.register(config=config, parent_run_id=parent, adapter=aligned,
                                          evaluation=ev.outputs["evaluation"], dataset=data.outputs["dataset"]))
                     version = reg.outputs["Output"]
                     dep = cpu(c.deploy_canary(config=config, parent_run_id=parent, version=version))

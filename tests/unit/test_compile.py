@@ -145,3 +145,19 @@ def test_every_component_is_in_the_compiled_pipeline(compiled: dict[str, Any]) -
     for name in c.__all__:
         comp = getattr(c, name)
         assert f"exec-{comp.name}" in executors, f"{name} is not used by the pipeline"
+
+
+def test_alignment_paths_share_one_chain(compiled: dict[str, Any]) -> None:
+    """sft -> dpo -> rl -> evaluate, with reward feeding rl: train.alignment picks the path inside the stages (the
+    tasks off the path pass the adapter through), so evaluate and register read rl's adapter on every path."""
+    t = {name: task for comp in compiled["components"].values() for name, task in comp.get("dag", {}).get(
+        "tasks", {}).items()}
+
+    def source(task: str, arg: str) -> str:
+        a = t[task]["inputs"]["artifacts"][arg]
+        return a["taskOutputArtifact"]["producerTask"] if "taskOutputArtifact" in a else a["componentInputArtifact"]
+
+    assert source("dpo", "sft_adapter") == "sft"
+    assert source("rl", "policy_adapter") == "dpo" and source("rl", "reward_model") == "reward"
+    assert source("evaluate", "adapter") == "rl"
+    assert source("register", "adapter") == "pipelinechannel--rl-adapter"

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from tuneloop.config.align import RewardConfig, RLConfig
 from tuneloop.config.base import _Strict
 from tuneloop.config.kubernetes import SecretEnv, TrainPodResources
 from tuneloop.config.secrets import SECRET_NAME
@@ -41,10 +42,29 @@ class _StageCommon(_Strict):
     logging_steps: int = Field(5, gt=0, description="Log loss, learning rate and tokens/s every N steps.")
 
 
+class EWCConfig(_Strict):
+    lambda_: float = Field(
+        0.0, ge=0, description="Elastic weight consolidation (Kirkpatrick et al. 2017): adds lambda/2 * sum_i F_i * "
+                               "(theta_i - theta*_i)^2 over the LoRA parameters to the SFT loss, pulling them toward "
+                               "the champion's adapter theta*, weighted by F, the diagonal Fisher information "
+                               "estimated on the champion's training data (tuneloop.train.ewc). 0 turns it off; above "
+                               "0 needs train.sft.init: champion.")
+    fisher_samples: int = Field(
+        64, gt=0, description="Records of the champion's training data the diagonal Fisher is averaged over (the "
+                              "same records on every run: chosen by a hash of their id).")
+
+
 class SFTConfig(_StageCommon):
     packing: bool = Field(
         True, description="Pack several examples into each row of `max_length` tokens (TRL best-fit decreasing, "
                           "padding-free: no pad tokens are computed, attention stays within each example).")
+    init: Literal["fresh", "champion"] = Field(
+        "fresh", description="fresh: train a new LoRA adapter on the base model; champion: continue training the "
+                             "champion's adapter (continual fine-tuning: the old skills are the starting point, "
+                             "which is what a lower learning rate and EWC then protect; the champion's LoRA rank "
+                             "and target modules are kept). With no champion yet a fresh adapter is trained.")
+    ewc: EWCConfig = Field(default_factory=EWCConfig,
+                           description="EWC penalty toward the champion's adapter (needs init: champion).")
 
 
 class DPOConfig(_StageCommon):
@@ -119,6 +139,67 @@ class CheckpointConfig(_Strict):
                           "s3fs in the image) and a rerun pulls the newest one back.")
 
 
+class MergeConfig(_Strict):
+    enabled: bool = Field(
+        False, description="After training, merge the candidate's adapter with the champion's (peft "
+                           "add_weighted_adapter) and evaluate the merge as the candidate. Method and weights are "
+                           "chosen on a tuning split held out from the training data of this run and of the "
+                           "champion, never on the evaluation set (tuneloop.train.merge). With no champion yet "
+                           "nothing is merged.")
+    methods: list[Literal["linear", "ties", "dare_ties"]] = Field(
+        default_factory=lambda: ["linear", "ties", "dare_ties"],
+        description="Merges tried. linear: w_cand * dW_cand + w_champ * dW_champ exactly (peft `cat`, rank r_cand + "
+                    "r_champ); ties: TIES-merging (keep the largest `density` share of each delta, elect the sign, "
+                    "average what agrees) on the full weight deltas; dare_ties: DARE (drop at random to `density`, "
+                    "rescale) then TIES; both brought back to rank r_cand + r_champ by SVD (peft `ties_svd`, "
+                    "`dare_ties_svd`).")
+    weights: list[tuple[float, float]] = Field(
+        default_factory=lambda: [(1.0, 1.0), (0.7, 0.7), (0.5, 0.5), (0.7, 0.3), (0.3, 0.7)],
+        description="(candidate, champion) weight pairs, each tried with every method.")
+    density: float = Field(0.5, gt=0, le=1, description="ties / dare_ties: the share of each delta's values kept.")
+    tuning_share: float = Field(
+        0.2, gt=0, lt=1, description="Share of the training records (this run's and the champion's) held out as the "
+                                     "tuning split, by a hash of the record id; records that share an id or a prompt "
+                                     "with an evaluation record are never in it.")
+    tuning_max_per_slice: int = Field(32, gt=0, description="At most this many tuning records per slice (the "
+                                                            "smallest id hashes).")
+    seed: int = Field(0, description="Seed of DARE's random drop.")
+
+
+class RepairConfig(_Strict):
+    enabled: bool = Field(
+        True, description="The forgetting repair ladder: when the evaluation gate fails only on regression rules "
+                          "of old slices (slices the champion knows that this run's training data lacks), try "
+                          "`mitigations` in order, each candidate gated exactly like the first, and stop at the "
+                          "first that passes (tuneloop.repair).")
+    mitigations: list[Literal["merge", "replay", "ewc", "lower_lr"]] = Field(
+        default_factory=lambda: ["merge", "replay", "ewc", "lower_lr"],
+        description="In order. merge: train.merge with the champion (no training); replay: retrain with "
+                    "data.replay_share raised to `replay_share`; ewc: continue the champion's adapter with the EWC "
+                    "penalty `ewc_lambda`; lower_lr: continue the champion's adapter at train.sft.learning_rate x "
+                    "`lr_factor`. With method full only replay applies (the others work on adapters).")
+    max_attempts: int = Field(4, gt=0, description="At most this many repaired candidates are trained and gated.")
+    max_wall_minutes: float = Field(
+        120.0, gt=0, description="No attempt starts after the ladder has run this long (one that started finishes).")
+    old_slice_max_share: float = Field(
+        0.05, ge=0, lt=1, description="A slice the champion was trained or evaluated on is old when it makes up at "
+                                      "most this share of this run's SFT records (none at all always counts).")
+    replay_share: float = Field(0.5, gt=0, lt=1, description="replay: data.replay_share of the retrained candidate.")
+    ewc_lambda: float = Field(
+        1e7, gt=0, description="ewc: train.sft.ewc.lambda_ of the retrained candidate. The right scale goes with "
+                               "1 / the Fisher's size, which depends on the model (an EWC run's ewc.json reports its "
+                               "mean); 1e7 was measured on the tiny test model (Fisher mean ~2e-5).")
+    lr_factor: float = Field(0.3, gt=0, lt=1, description="lower_lr: train.sft.learning_rate is multiplied by this.")
+
+    @field_validator("mitigations")
+    @classmethod
+    def _once(cls, v: list[str]) -> list[str]:
+        twice = sorted({m for m in v if v.count(m) > 1})
+        if twice:
+            raise ValueError(f"listed more than once: {', '.join(twice)}")
+        return v
+
+
 class TrainConfig(_Strict):
     backend: Literal["local", "trainjob", "pytorchjob"] = Field(
         "local", description="local: torchrun on this host (CPU/gloo or GPUs/NCCL; on a cluster, inside the KFP "
@@ -154,7 +235,20 @@ class TrainConfig(_Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="The LoRA adapter trained by SFT and DPO.")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning (TRL SFTTrainer).")
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="Preference tuning (TRL DPOTrainer).")
+    alignment: Literal["dpo", "reward+rl", "none"] = Field(
+        "dpo", description="The alignment path after SFT: dpo (offline, TRL DPOTrainer), reward+rl (a reward model "
+                           "trained on the preference and safety pairs, then online RL against it: train.reward, "
+                           "train.rl), or none (the SFT adapter goes to evaluation).")
+    reward: RewardConfig = Field(default_factory=RewardConfig,
+                                 description="The reward model of alignment reward+rl (TRL RewardTrainer, LoRA).")
+    rl: RLConfig = Field(default_factory=RLConfig,
+                         description="Online RL of alignment reward+rl (TRL RLOOTrainer or GRPOTrainer).")
     timeout_minutes: int = Field(120, gt=0, description="A training launch that runs longer is stopped and fails.")
+    merge: MergeConfig = Field(default_factory=MergeConfig,
+                               description="Merge the candidate's adapter with the champion's (forgetting mitigation).")
+    repair: RepairConfig = Field(default_factory=RepairConfig,
+                                 description="The forgetting repair ladder run when the gate blocks a candidate that "
+                                             "forgot an old slice.")
 
     @model_validator(mode="after")
     def _fits(self) -> TrainConfig:
@@ -178,6 +272,14 @@ class TrainConfig(_Strict):
                              "or none")
         if self.method == "full" and self.save_merged_model:
             raise ValueError("train.save_merged_model: a full fine-tune already writes a full model")
+        if self.sft.ewc.lambda_ > 0 and self.sft.init != "champion":
+            raise ValueError("train.sft.ewc.lambda_: EWC pulls the adapter toward the champion's, so SFT must start "
+                             "from it; set train.sft.init: champion")
+        if self.method == "full":
+            adapters = [k for k, on in (("train.sft.init: champion", self.sft.init == "champion"),
+                                        ("train.merge.enabled", self.merge.enabled)) if on]
+            if adapters:
+                raise ValueError(f"{', '.join(adapters)}: works on LoRA adapters; method full has none")
         return self
 
 

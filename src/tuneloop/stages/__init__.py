@@ -21,14 +21,14 @@ from tuneloop.stages.data import check_prerequisites, ingest_stage, log_data_lin
 from tuneloop.stages.evaluate import evaluate_stage, register_stage
 from tuneloop.stages.rollout import analyze_canary_stage, deploy_canary_stage, promote_stage, rollback_stage, stop_stage
 from tuneloop.stages.story import close_abandoned_runs, finalize_stage, tell_story
-from tuneloop.stages.train import dpo_stage, sft_stage
+from tuneloop.stages.train import dpo_stage, reward_stage, rl_stage, sft_stage
 
 # Each pipeline task is a fresh interpreter that exits right after its stage, and its last cyclic garbage
 # collection walks every object of the ~3,000 modules it loaded (1-2 s here). Frozen at exit, they are
 # skipped by that walk; reference counting still releases them as the modules are torn down.
 atexit.register(gc.freeze)
 
-__all__ = ["PrerequisiteError", "analyze_canary_stage", "base_model_dir", "check_prerequisites", "close_abandoned_runs",
-           "deploy_canary_stage", "dpo_stage", "evaluate_stage", "finalize_stage", "ingest_stage", "log_data_lineage",
-           "promote_stage", "register_stage", "rollback_stage", "sft_stage", "stop_stage", "tell_story",
-           "validate_stage"]
+__all__ = ["PrerequisiteError", "analyze_canary_stage", "base_model_dir",
+           "check_prerequisites", "close_abandoned_runs", "deploy_canary_stage", "dpo_stage", "evaluate_stage",
+           "finalize_stage", "ingest_stage", "log_data_lineage", "promote_stage", "register_stage", "reward_stage",
+           "rl_stage", "rollback_stage", "sft_stage", "stop_stage", "tell_story", "validate_stage"]

@@ -1,7 +1,10 @@
-"""Stages 4-5: SFT and DPO through the training launchers (local torchrun, TrainJob, PyTorchJob)."""
+"""Stages 4-5: SFT, then the alignment path the run config chooses (`train.alignment`): DPO, or a reward model
+and online RL against it (reward+rl), or none - all through the training launchers (local torchrun, TrainJob,
+PyTorchJob)."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,10 @@ def _train(cfg: RunConfig, parent_id: str, stage: str, data: Path, out: Path,
 
     def run(run_id: str) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
-        if not section.enabled or not data.read_text().strip():
-            reason = "disabled" if not section.enabled else "no training records"
+        off = stage == "dpo" and cfg.train.alignment != "dpo"
+        if off or not section.enabled or not data.read_text().strip():
+            reason = (f"train.alignment is {cfg.train.alignment}" if off else
+                      "disabled" if not section.enabled else "no training records")
             if init_adapter is None:
                 raise RuntimeError(f"{stage}: {reason} and there is no adapter to pass on")
             shutil.copytree(init_adapter, out / "adapter", dirs_exist_ok=True)
@@ -56,3 +61,189 @@ def sft_stage(cfg: RunConfig, parent_id: str, dataset: Path, out: Path) -> dict[
 
 def dpo_stage(cfg: RunConfig, parent_id: str, dataset: Path, sft_out: Path, out: Path) -> dict[str, Any]:
     return _train(cfg, parent_id, "dpo", dataset / "preference.jsonl", out, sft_out / "adapter")
+
+
+# 5b: alignment reward+rl -------------------------------------------------------------------------------------
+class RewardGateFailed(RuntimeError):
+    """The reward model ranks held-out pairs below a configured floor: it is neither registered nor used."""
+
+
+def reward_pairs(cfg: RunConfig, dataset: Path, out: Path) -> Path:
+    """OUT/pairs.jsonl: the run's preference pairs (ingest's preference.jsonl) and the safety pairs, each with
+    `split` train or eval (held out by a hash of the prompt, train.reward.eval_share)."""
+    from transformers import AutoTokenizer
+
+    from tuneloop.data.formatting import ChatFormatter
+    from tuneloop.data.safety_pairs import held_out, safety_pairs, write_jsonl
+    from tuneloop.jsonl import read_jsonl
+
+    rw = cfg.train.reward
+    src = dataset / "preference.jsonl"
+    rows = [{**r, "split": "eval" if held_out(r.get("user_text") or r["prompt"], rw.eval_share) else "train"}
+            for r in (read_jsonl(src) if src.exists() else [])]
+    if rw.safety.enabled:
+        fmt = ChatFormatter(AutoTokenizer.from_pretrained(str(base_model_dir(cfg))), cfg.data.system_prompt)
+        exclude = cfg.evaluate.safety.prompt_files if cfg.evaluate.safety is not None else None
+        rows += safety_pairs(rw.safety.prompt_files, rw.safety.max_pairs, cfg.train.seed, rw.eval_share,
+                             exclude, fmt.user_prompt, fmt.completion)
+    return write_jsonl(rows, out / "pairs.jsonl")
+
+
+def reward_gate(cfg: RunConfig, ev: dict[str, Any]) -> list[str]:
+    """Why the reward model fails its gate (train.reward.gate), one line per rule; empty when it passes."""
+    gate, why = cfg.train.reward.gate, []
+    acc = ev.get("accuracy")
+    if acc is None:
+        why.append("no held-out pairs to measure pairwise accuracy on (raise train.reward.eval_share or add pairs)")
+    elif acc < gate.min_accuracy:
+        why.append(f"held-out pairwise accuracy {acc:.3f} over {ev['pairs']} pairs is below "
+                   f"train.reward.gate.min_accuracy {gate.min_accuracy}")
+    for name, floor in sorted(gate.min_slice_accuracy.items()):
+        s = ev.get("slices", {}).get(name)
+        if s is None or s["pairs"] < gate.min_pairs:
+            why.append(f"slice {name}: {0 if s is None else s['pairs']} held-out pairs, fewer than "
+                       f"train.reward.gate.min_pairs {gate.min_pairs}")
+        elif s["accuracy"] < floor:
+            why.append(f"slice {name}: held-out pairwise accuracy {s['accuracy']:.3f} over {s['pairs']} pairs is "
+                       f"below train.reward.gate.min_slice_accuracy.{name} {floor}")
+    return why
+
+
+def reward_registry(cfg: RunConfig) -> Registry:
+    """The registry handle of the reward models: registered model <registry.model_name>-reward."""
+    reg = Registry(cfg)
+    reg.name = f"{cfg.registry.model_name}-reward"
+    return reg
+
+
+def reward_stage(cfg: RunConfig, parent_id: str, dataset: Path, out: Path) -> dict[str, Any]:
+    """Train (or reuse the champion) reward model on preference + safety pairs, gate it on held-out pairwise
+    accuracy per slice, register it as <model_name>-reward. Outputs OUT/adapter (LoRA + score head),
+    OUT/pairs.jsonl, OUT/reward_eval.json."""
+    import json
+
+    from tuneloop.registry import TAG_BASE_MODEL, TAG_DATA_HASH, TAG_GIT_SHA, TAG_PIPELINE_RUN, git_sha
+    from tuneloop.train.launch import build_spec, launch
+
+    if cfg.train.alignment != "reward+rl":  # off this run's path: no MLflow run, an empty output
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "NOT_TRAINED.txt").write_text(f"train.alignment is {cfg.train.alignment}: no reward model\n")
+        return {"outcome": f"not on the alignment path ({cfg.train.alignment})", "skipped": True}
+    reg, rreg = Registry(cfg), reward_registry(cfg)
+    rw = cfg.train.reward
+
+    def run(run_id: str) -> dict[str, Any]:
+        out.mkdir(parents=True, exist_ok=True)
+        pairs = reward_pairs(cfg, dataset, out)
+        rows = [json.loads(line) for line in pairs.read_text().splitlines() if line.strip()]
+        n_train = sum(r["split"] == "train" for r in rows)
+        reg.log_params(run_id, {f"reward.{k}": v for k, v in rw.model_dump().items() if k not in ("safety", "gate")})
+        reg.log_metrics(run_id, {"reward.pairs_train": n_train, "reward.pairs_eval": len(rows) - n_train,
+                                 "reward.safety_pairs": sum(r.get("slice") == "safety" for r in rows)})
+        if rw.reuse_champion and (mv := rreg.alias_version("champion")) is not None:
+            got = rreg.download_adapter(mv, cfg.state_path / "reward_models")
+            shutil.copytree(got, out / "adapter", dirs_exist_ok=True)
+            (out / "reward_eval.json").write_text(json.dumps({"reused": str(mv.version)}))
+            return {"outcome": f"reused {rreg.name} v{mv.version} @champion", "reused_version": str(mv.version),
+                    "adapter": str(out / "adapter"),
+                    "description": f"**reward: reused {rreg.name} v{mv.version} @champion** (train.reward."
+                                   "reuse_champion); not trained or gated again."}
+        if n_train == 0:
+            raise RewardGateFailed("reward: no training pairs (no preference pairs and no safety pairs)")
+        spec = build_spec(cfg, "reward", base_model_dir(cfg), pairs, out, None,
+                          {"tracking_uri": reg.uri, "run_id": run_id}, pipeline_run=parent_id)
+        result = launch(cfg, spec, parent_id)
+        ev = result.get("reward_eval") or {}
+        (out / "reward_eval.json").write_text(json.dumps(ev, indent=2))
+        metrics = {"reward.accuracy": ev.get("accuracy"), "reward.mean_margin": ev.get("mean_margin"),
+                   "reward.final_loss": result.get("final_loss"), "reward.steps": result.get("steps"),
+                   **{f"reward.accuracy.{s}": v["accuracy"] for s, v in ev.get("slices", {}).items()},
+                   **{f"reward.pairs.{s}": v["pairs"] for s, v in ev.get("slices", {}).items()}}
+        reg.log_metrics(run_id, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        reg.log_artifacts(run_id, out, "reward")
+        slices = ", ".join(f"{s} {v['accuracy']:.3f} ({v['pairs']})" for s, v in ev.get("slices", {}).items())
+        why = reward_gate(cfg, ev)
+        reg.set_tag(run_id, "tuneloop.reward_gate", "failed" if why else "passed")
+        if why:
+            raise RewardGateFailed("reward gate failed: " + "; ".join(why))
+        data_hash = json.loads((dataset / "report.json").read_text()).get("data_hash", "") \
+            if (dataset / "report.json").exists() else ""
+        tags = {TAG_PIPELINE_RUN: parent_id, TAG_DATA_HASH: data_hash, TAG_GIT_SHA: git_sha(),
+                TAG_BASE_MODEL: cfg.base_model.name, "tuneloop.loop": cfg.name, "tuneloop.kind": "reward_model",
+                "tuneloop.reward_accuracy": f"{ev['accuracy']:.4f}",
+                "tuneloop.pairs_sha256": hashlib.sha256(pairs.read_bytes()).hexdigest()}
+        mv = rreg.register(run_id, out / "adapter", tags)
+        rreg.set_alias("champion", str(mv.version))  # it passed its gate: later runs may reuse it
+        outcome = (f"accuracy {ev['accuracy']:.3f} on {ev['pairs']} held-out pairs ({slices}); "
+                   f"{rreg.name} v{mv.version} @champion")
+        return {**result, "adapter": str(out / "adapter"), "version": str(mv.version), "outcome": outcome,
+                "description": f"**reward: {outcome}** - TRL RewardTrainer, LoRA on a sequence-classification head, "
+                               f"{result.get('steps')} steps on {n_train} pairs (preference + safety), loss "
+                               f"{result.get('first_loss')} -> {result.get('final_loss')}; gate: overall >= "
+                               f"{rw.gate.min_accuracy}, per slice {rw.gate.min_slice_accuracy}."}
+
+    return timed_stage(reg, parent_id, "reward", run)
+
+
+def rl_stage(cfg: RunConfig, parent_id: str, policy_out: Path, reward_out: Path, out: Path) -> dict[str, Any]:
+    """Online RL (train.rl.trainer) from the SFT adapter (POLICY_OUT/adapter: the dpo stage passes it through on
+    this path) against the reward model, on the train-split prompts of the reward stage's pairs; a guard breach
+    fails the stage with its reason. Outputs OUT/adapter. Off the reward+rl path it passes POLICY_OUT/adapter
+    through, without an MLflow run of its own."""
+    import json
+
+    from tuneloop.train.launch import build_spec, launch
+
+    if cfg.train.alignment != "reward+rl":
+        shutil.copytree(policy_out / "adapter", out / "adapter", dirs_exist_ok=True)
+        return {"outcome": f"not on the alignment path ({cfg.train.alignment}); adapter passed through",
+                "skipped": True, "adapter": str(out / "adapter")}
+
+    reg = Registry(cfg)
+    rl = cfg.train.rl
+
+    def run(run_id: str) -> dict[str, Any]:
+        from tuneloop.data.safety_pairs import write_jsonl
+        from tuneloop.train.local import GuardStopped
+
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [json.loads(line) for line in (reward_out / "pairs.jsonl").read_text().splitlines() if line.strip()]
+        prompts = write_jsonl(sorted(({"prompt": p} for p in {r["prompt"] for r in rows if r["split"] == "train"}),
+                                     key=lambda r: r["prompt"]), out / "prompts.jsonl")
+        reg.log_params(run_id, {f"rl.{k}": v for k, v in rl.model_dump().items() if k != "guards"}
+                       | {f"rl.guards.{k}": v for k, v in rl.guards.model_dump().items()})
+        spec = build_spec(cfg, "rl", base_model_dir(cfg), prompts, out, policy_out / "adapter",
+                          {"tracking_uri": reg.uri, "run_id": run_id}, pipeline_run=parent_id,
+                          reward_adapter=reward_out / "adapter")
+        try:
+            result = launch(cfg, spec, parent_id)
+        except GuardStopped as e:
+            _log_watch(reg, run_id, out)
+            reg.set_tag(run_id, "tuneloop.rl_guard", "stopped")
+            reg.log_metrics(run_id, {f"rl.stopped.{k}": v for k, v in e.details.get("last", {}).items()
+                                     if isinstance(v, (int, float))})
+            raise
+        final = result.get("rl_final") or {}
+        reg.set_tag(run_id, "tuneloop.rl_guard", "passed")
+        reg.log_metrics(run_id, {f"rl.final.{k}": v for k, v in final.items() if isinstance(v, (int, float))})
+        _log_watch(reg, run_id, out)
+        outcome = (f"{result['steps']} steps, reward {final.get('reward_mean', float('nan')):.3f}, "
+                   f"kl {final.get('kl', float('nan')):.4f}, length {final.get('mean_length', float('nan')):.1f}, "
+                   f"distinct-2 {final.get('distinct_2', float('nan')):.3f}")
+        return {**result, "adapter": str(out / "adapter"), "outcome": outcome,
+                "description": f"**rl ({rl.trainer}): {outcome}** - from the SFT adapter against the reward model, "
+                               f"beta {rl.beta}, {rl.num_generations} completions per prompt; no guard fired "
+                               f"({json.dumps(rl.guards.model_dump())}); the adapter goes on to evaluate."}
+
+    return timed_stage(reg, parent_id, "rl", run)
+
+
+def _log_watch(reg: Registry, run_id: str, out: Path) -> None:
+    """The watched RL metrics of every logging step (rl_watch.json) as the stage run's artifact `rl/`."""
+    import tempfile
+
+    f = out / "rl_watch.json"
+    if f.exists():
+        d = Path(tempfile.mkdtemp())
+        shutil.copyfile(f, d / f.name)
+        reg.log_artifacts(run_id, d, "rl")

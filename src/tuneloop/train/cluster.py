@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.config import RunConfig
+from tuneloop.train.common import STOPPED_FILE
 from tuneloop.train.k8s import KINDS, JobStatus, PodProblem, job_labels, job_name, pod_problem, weight
-from tuneloop.train.local import TrainingFailed, install_signal, read_result, worth_showing
+from tuneloop.train.local import TrainingFailed, install_signal, read_result, stopped_by_guard, worth_showing
 from tuneloop.train.spec import JobSpec
 
 log = logging.getLogger("tuneloop.launch")
@@ -60,22 +61,36 @@ class ClusterLauncher:
         if spec.init_adapter_dir:
             init = job_dir / "init_adapter"
             shutil.copytree(spec.init_adapter_dir, init, dirs_exist_ok=True)
+        reward = None
+        if spec.reward_adapter_dir:  # rl: the reward model's adapter travels like the init adapter
+            reward = job_dir / "reward_adapter"
+            shutil.copytree(spec.reward_adapter_dir, reward, dirs_exist_ok=True)
         job_spec = spec.model_copy(update={"data_path": str(job_dir / "data.jsonl"),
                                            "output_dir": str(job_dir / "out"),
-                                           "init_adapter_dir": str(init) if init else None})
+                                           "init_adapter_dir": str(init) if init else None,
+                                           "reward_adapter_dir": str(reward) if reward else None})
         job_spec.write(job_dir / "job_spec.json")
         return job_spec, job_dir
 
     def run(self, spec: JobSpec, pipeline_run: str) -> dict[str, Any]:
         job_spec, job_dir = self.stage_job_dir(spec, pipeline_run)
-        final = self.run_job(spec.stage, pipeline_run, str(job_dir / "job_spec.json"))
+        (job_dir / "out" / STOPPED_FILE).unlink(missing_ok=True)
+        try:
+            final = self.run_job(spec.stage, pipeline_run, str(job_dir / "job_spec.json"))
+        except TrainingFailed:
+            stopped = stopped_by_guard(job_dir / "out")  # a guard's reason beats "the job failed"
+            if stopped is not None:
+                raise stopped from None
+            raise
         result = read_result(job_spec)
         out = Path(spec.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         for part in ("adapter", "model", "merged"):
             if (job_dir / "out" / part).is_dir():
                 shutil.copytree(job_dir / "out" / part, out / part, dirs_exist_ok=True)
-        shutil.copyfile(job_dir / "out" / "train_metrics.json", out / "train_metrics.json")
+        for name in ("train_metrics.json", "reward_eval.json", "rl_watch.json"):
+            if (job_dir / "out" / name).exists():
+                shutil.copyfile(job_dir / "out" / name, out / name)
         log.info("%s: %s %s succeeded", spec.stage, self.kind.name, final)
         return result
 

@@ -1,7 +1,7 @@
-"""What SFT and DPO workers share: distributed set-up, trainer arguments, progress, saving.
+"""What the SFT, DPO, reward and RL workers share: distributed set-up, trainer arguments, progress, saving.
 
 A worker is started by `tuneloop.train.launch` (torchrun locally, a TrainJob or PyTorchJob
-on a cluster) as `python -m tuneloop.train.sft SPEC.json` or `... .dpo SPEC.json`; the spec
+on a cluster) as `python -m tuneloop.train.<stage> SPEC.json` (sft, dpo, reward, rl); the spec
 (train/spec.py) carries the run config's validated `train` section.
 """
 
@@ -99,7 +99,7 @@ def trainer_arguments(spec: JobSpec) -> dict[str, Any]:
         warmup_steps=hp.warmup_ratio,  # transformers 5: a warmup_steps below 1 is a share of the steps
         per_device_train_batch_size=hp.per_device_batch_size,
         gradient_accumulation_steps=hp.gradient_accumulation_steps,
-        max_length=hp.max_length,
+        max_length=getattr(hp, "max_length", None),  # rl has max_completion_length instead
         logging_steps=hp.logging_steps,
         lr_scheduler_type="linear",
         seed=t.seed,
@@ -121,13 +121,35 @@ def trainer_arguments(spec: JobSpec) -> dict[str, Any]:
     )
     if spec.stage == "sft":
         args.update(completion_only_loss=True, packing=t.sft.packing, packing_strategy="bfd")
-    else:
+    elif spec.stage == "dpo":
         args.update(beta=t.dpo.beta, precompute_ref_log_probs=t.dpo.precompute_ref_log_probs)
+    elif spec.stage == "reward":
+        args.update(center_rewards_coefficient=t.reward.center_rewards_coefficient or None,
+                    per_device_eval_batch_size=t.reward.per_device_batch_size)
+    else:  # rl: trl.RLOOConfig / trl.GRPOConfig
+        rl = t.rl
+        del args["max_length"]
+        args.update(num_generations=rl.num_generations, max_completion_length=rl.max_completion_length,
+                    beta=rl.beta, temperature=rl.temperature, use_vllm=use_vllm(spec), log_completions=False)
+        if args["use_vllm"]:
+            args.update(vllm_mode="colocate")
     ds = deepspeed_config(spec)
     if ds is not None:
         args["deepspeed"] = ds
     args.update(prepare_cpu_distributed(spec))
     return args
+
+
+STOPPED_FILE = "stopped.json"  # written by rank 0 of a worker whose guard stopped it, next to train_metrics.json
+STOPPED_EXIT = 3
+
+
+class StageStopped(RuntimeError):
+    """A guard stopped training (rl: reward hacking); the stage fails with the reason and registers nothing."""
+
+    def __init__(self, reason: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(reason)
+        self.details = details or {}
 
 
 class UnsupportedOnThisHost(RuntimeError):
@@ -153,10 +175,25 @@ def check_host(spec: JobSpec) -> None:
     wanted = [o for o, on in (("method: qlora (4-bit bitsandbytes)", spec.train.method == "qlora"),
                               ("liger_kernels: true", spec.train.liger_kernels),
                               ("attention: flash_attention_2", spec.train.attention == "flash_attention_2"),
-                              ("bf16: on", spec.train.bf16 == "on")) if on]
+                              ("bf16: on", spec.train.bf16 == "on"),
+                              ("rl.generation: vllm", spec.stage == "rl" and spec.train.rl.generation == "vllm"))
+              if on]
     if wanted:
         raise UnsupportedOnThisHost(f"train.{', train.'.join(wanted)}: needs a CUDA GPU and this host has none "
                                     "(use method lora / the defaults on CPU)")
+
+
+def use_vllm(spec: JobSpec) -> bool:
+    """rl rollouts through vLLM (TRL use_vllm, colocated with training): `generation` vllm, or auto where CUDA and the
+    vllm package are present; transformers' generate otherwise."""
+    import importlib.util
+
+    import torch
+
+    g = spec.train.rl.generation
+    if g != "auto":
+        return g == "vllm"
+    return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
 
 
 def use_bf16(spec: JobSpec) -> bool:
@@ -179,7 +216,7 @@ def attention_impl(spec: JobSpec) -> str:
     return "sdpa"
 
 
-def load_model(spec: JobSpec) -> Any:
+def load_model(spec: JobSpec, auto_class: Any = None, **extra: Any) -> Any:
     """The base model as the method needs it: bf16 on GPU (fp32 master weights stay with the optimizer /
     DeepSpeed), 4-bit NF4 for qlora, the chosen attention kernel. Call after the training arguments
     exist, so that ZeRO-3 partitions the weights as they load."""
@@ -198,10 +235,10 @@ def load_model(spec: JobSpec) -> Any:
             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)  # storage dtype: ZeRO-3
         if spec.train.deepspeed in ("none", "zero2"):
             kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    return AutoModelForCausalLM.from_pretrained(spec.base_model_dir, **kw)
+    return (auto_class or AutoModelForCausalLM).from_pretrained(spec.base_model_dir, **kw, **extra)
 
 
-def lora_config(spec: JobSpec) -> Any:
+def lora_config(spec: JobSpec, task_type: str = "CAUSAL_LM") -> Any:
     """The peft LoraConfig of the spec, or None for a full fine-tune."""
     if spec.train.method == "full":
         return None
@@ -209,7 +246,7 @@ def lora_config(spec: JobSpec) -> Any:
 
     lora = spec.train.lora
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-                      task_type="CAUSAL_LM")
+                      task_type=task_type)
 
 
 def partition_stats(model: Any) -> dict[str, Any]:
@@ -371,10 +408,14 @@ def save_merged(spec: JobSpec, adapter_dir: Path, tokenizer: Any) -> Path:
     return out
 
 
-def run_training(spec: JobSpec, build: Callable[[JobSpec, list[Any]], tuple[Any, Any]]) -> None:
+def run_training(spec: JobSpec, build: Callable[[JobSpec, list[Any]], tuple[Any, Any]],
+                 after_train: Callable[[Any], dict[str, Any]] | None = None) -> None:
     """What every worker does around its trainer: refuse what this host cannot do, resume from the
     newest complete checkpoint, train, on SIGTERM checkpoint and exit PREEMPTED_EXIT, else save the
-    adapter (and merged model), the metrics, and drop the checkpoints of the finished stage."""
+    adapter (and merged model), the metrics, and drop the checkpoints of the finished stage.
+
+    `after_train(trainer)` runs on every rank before anything is saved (a held-out evaluation, a guard that
+    raises); what it returns goes into train_metrics.json."""
     import shutil
 
     import torch
@@ -397,12 +438,13 @@ def run_training(spec: JobSpec, build: Callable[[JobSpec, list[Any]], tuple[Any,
     if preempt.preempted:
         log.warning("%s: %s; a rerun resumes from it", spec.stage, PREEMPTED_LOG)
         sys.exit(PREEMPTED_EXIT)
+    checked = after_train(trainer) if after_train is not None else {}
     saved = save_adapter(trainer, spec, tokenizer)
-    if spec.train.save_merged_model and spec.train.method != "full":
-        save_merged(spec, saved, tokenizer)
+    if spec.train.save_merged_model and spec.train.method != "full" and spec.stage != "reward":
+        save_merged(spec, saved, tokenizer)  # a policy; the reward model's score head is no causal LM
     write_result(spec, trainer, started, {"zero": part.stats, "resumed_from_step": step_of(resume) if resume else None,
                                           "tokens_before_resume": progress.tokens0, "train_s": train_s,
-                                          "peak_rss_mb": peak_rss_mb_all_ranks()})
+                                          "peak_rss_mb": peak_rss_mb_all_ranks(), **checked})
     barrier()
     if rank() == 0 and spec.checkpoint_dir:
         shutil.rmtree(ckpt_root, ignore_errors=True)  # the stage is done; its adapter is the output
@@ -419,3 +461,9 @@ def worker_main(stage: str, train: Callable[[JobSpec], None], argv: list[str] | 
     except UnsupportedOnThisHost as e:
         log.error("%s", e)
         sys.exit(2)
+    except StageStopped as e:  # a guard: nothing was saved for registration; the launcher reads stopped.json
+        log.error("%s: stopped: %s", stage, e)
+        if rank() == 0 and len(argv) == 1:
+            out = Path(JobSpec.read(argv[0]).output_dir)
+            (out / STOPPED_FILE).write_text(json.dumps({"stage": stage, "reason": str(e), **e.details}, indent=2))
+        sys.exit(STOPPED_EXIT)

@@ -8,12 +8,13 @@ objects, train/cluster.py follows them). Either way the worker reads its JobSpec
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from tuneloop.config import RunConfig
-from tuneloop.train.local import OutOfMemory, WorkerCrashed, launch_local
+from tuneloop.train.local import GuardStopped, OutOfMemory, WorkerCrashed, launch_local
 from tuneloop.train.spec import JobSpec, build_spec  # noqa: F401 - build_spec: the launch API
 
 log = logging.getLogger("tuneloop.launch")
@@ -21,6 +22,15 @@ log = logging.getLogger("tuneloop.launch")
 
 def launch(cfg: RunConfig, spec: JobSpec, pipeline_run: str = "adhoc") -> dict[str, Any]:
     """Run one training stage with the configured backend; returns the worker's train_metrics."""
+    refuse_known_stop(spec)
+    try:
+        return _launch(cfg, spec, pipeline_run)
+    except GuardStopped as e:
+        remember_stop(spec, e)
+        raise
+
+
+def _launch(cfg: RunConfig, spec: JobSpec, pipeline_run: str) -> dict[str, Any]:
     t = cfg.train
     if t.backend != "local":
         from tuneloop.train.cluster import ClusterLauncher
@@ -64,3 +74,26 @@ def refuse_known_oom(spec: JobSpec) -> None:
     if marker is not None and marker.exists():
         raise OutOfMemory(f"not retried: an earlier attempt of this run with the same training settings ran out "
                           f"of memory. {marker.read_text()}")
+
+
+def _stop_marker(spec: JobSpec) -> Path | None:
+    """Where a stage of a pipeline run remembers that a guard stopped it (rl: reward hacking), keyed like the OOM
+    marker: a retry of the task with the same settings would resume from the checkpoint before the breach and
+    drift into it again, so it fails at once with the same reason."""
+    m = _oom_marker(spec)
+    return m.with_name(m.name.replace("-oom-", "-stopped-")) if m is not None else None
+
+
+def remember_stop(spec: JobSpec, e: GuardStopped) -> None:
+    marker = _stop_marker(spec)
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"message": str(e), "details": e.details}))
+
+
+def refuse_known_stop(spec: JobSpec) -> None:
+    marker = _stop_marker(spec)
+    if marker is not None and marker.exists():
+        seen = json.loads(marker.read_text())
+        raise GuardStopped(f"not retried: an earlier attempt of this run with the same training settings was "
+                           f"stopped. {seen['message']}", seen.get("details", {}))

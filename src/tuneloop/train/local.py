@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.train.checkpoints import PREEMPTED_LOG
-from tuneloop.train.common import UnsupportedOnThisHost, check_host
+from tuneloop.train.common import STOPPED_FILE, UnsupportedOnThisHost, check_host
 from tuneloop.train.spec import JobSpec
 
 log = logging.getLogger("tuneloop.launch")
@@ -36,6 +36,24 @@ class TrainingFailed(RuntimeError):
 
 class Preempted(TrainingFailed):
     """The worker was stopped by SIGTERM after saving a checkpoint; a rerun resumes from it."""
+
+
+class GuardStopped(TrainingFailed):
+    """A guard in the worker stopped training (rl: reward hacking) and saved nothing to register; the message is
+    the guard's reason, `details` what the worker wrote (stopped.json)."""
+
+    def __init__(self, message: str, details: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.details = details
+
+
+def stopped_by_guard(out_dir: Path) -> GuardStopped | None:
+    """The GuardStopped a worker left in out_dir (stopped.json), or None."""
+    f = Path(out_dir) / STOPPED_FILE
+    if not f.exists():
+        return None
+    details = json.loads(f.read_text())
+    return GuardStopped(f"{details.get('stage', 'training')}: stopped by a guard: {details.get('reason')}", details)
 
 
 class WorkerCrashed(TrainingFailed):
@@ -142,6 +160,7 @@ def launch_local(spec: JobSpec, nproc: int, state_dir: Path, timeout_s: float,
         raise TrainingFailed(f"{spec.stage}: {e}") from None
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / STOPPED_FILE).unlink(missing_ok=True)
     spec_path = spec.write(out / "job_spec.json")
     ooms_before = oom_kills()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -182,6 +201,8 @@ def launch_local(spec: JobSpec, nproc: int, state_dir: Path, timeout_s: float,
     if terminated.is_set() or (rc != 0 and checkpointed_on_sigterm):
         raise Preempted(f"{spec.stage}: stopped by SIGTERM; the newest complete checkpoint in "
                         f"{spec.checkpoint_dir} is resumed by a rerun")
+    if rc != 0 and (stopped := stopped_by_guard(out)) is not None:
+        raise stopped
     if rc != 0:
         message = f"{spec.stage} worker exited with {rc}; last lines:\n" + "\n".join(tail)
         killed = killed_rank(list(tail))
