@@ -29,24 +29,32 @@ GATES = {
 }
 
 
-def _train(model_dir: Path, files: list[str], out: Path, tmp: Path) -> Path:
+def _train(model_dir: Path, files: list[str], out: Path, tmp: Path, *, replay_from: Path | None = None,
+           replay_share: float = 0.0, sft: dict | None = None, init_adapter: Path | None = None,
+           deepspeed: str = "none", nproc: int = 1, check_loss: bool = True, **spec: object) -> Path:
+    """Ingest the demo files (plus `replay_share` of the champion's training records `replay_from`, as ingest
+    replays them) and train an SFT adapter: HP updated with `sft`, continuing `init_adapter` when given."""
     from transformers import AutoTokenizer
 
     from tuneloop.config import DataConfig, DataSource, TrainConfig
     from tuneloop.data.formatting import ChatFormatter
     from tuneloop.data.ingest import ingest
+    from tuneloop.data.replay import ChampionData
     from tuneloop.train.spec import JobSpec
     from tuneloop.train.local import launch_local
 
     data = out / "data"
     ingest(DataConfig(sources=[DataSource(path=str(DEMO / f)) for f in files],
-                      eval=[DataSource(path=str(DEMO / "eval"))]),
-           ChatFormatter(AutoTokenizer.from_pretrained(str(model_dir))), data)
+                      eval=[DataSource(path=str(DEMO / "eval"))], replay_share=replay_share),
+           ChatFormatter(AutoTokenizer.from_pretrained(str(model_dir))), data,
+           champion=ChampionData("1", "-", replay_from) if replay_from else None)
     spec = JobSpec(stage="sft", base_model_dir=str(model_dir), data_path=str(data / "sft.jsonl"),
-                   output_dir=str(out),
-                   train=TrainConfig(sft=HP, lora=LORA, deepspeed="none", seed=1))
-    result = launch_local(spec, nproc=1, state_dir=tmp, timeout_s=600)
-    assert result["final_loss"] < result["first_loss"]
+                   output_dir=str(out), init_adapter_dir=str(init_adapter) if init_adapter else None,
+                   train=TrainConfig(sft={**HP, **(sft or {})}, lora=LORA, deepspeed=deepspeed, seed=1,
+                                     nproc_per_node=nproc), **spec)
+    result = launch_local(spec, nproc=nproc, state_dir=tmp, timeout_s=600)
+    if check_loss:
+        assert result["final_loss"] < result["first_loss"]
     return out / "adapter"
 
 

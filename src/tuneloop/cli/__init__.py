@@ -6,6 +6,7 @@ pipeline.py    validate, compile, run, submit, schedule, upload-pipeline, config
 services.py    serve, monitor, feedback-service
 standalone.py  evaluate, ingest (files, no run config)
 review.py      review export / import
+diagnose.py    diagnose (why a run's candidate was blocked)
 summary.py     the run summary
 """
 
@@ -15,7 +16,8 @@ import sys
 
 import typer
 
-from tuneloop.cli import pipeline, review, services, standalone  # noqa: F401 - each module registers its commands
+from tuneloop.cli import (diagnose, pipeline, review, services,  # noqa: F401 - each module registers its commands
+                          standalone)
 from tuneloop.cli.shared import app
 
 
