@@ -28,3 +28,38 @@ def evaluate(config: dict, parent_run_id: str, dataset: Input[Dataset], adapter:
         confusion.log_confusion_matrix(cm["labels"], cm["matrix"])
     Path(report.path).write_text((Path(evaluation.path) / "report.md").read_text())
     return collections.namedtuple("Outputs", ["passed"])(r["passed"])
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def merge(config: dict, parent_run_id: str, dataset: Input[Dataset], candidate: Input[Model], adapter: Output[Model]):
+    """train.merge.enabled: the candidate merged with the champion's adapter (peft: linear, TIES, DARE-TIES; weights
+    chosen on a tuning split that is never the gate's data); otherwise the candidate passed through."""
+    import logging
+    from pathlib import Path
+
+    from tuneloop.config import parse_config
+    from tuneloop.stages import merge_stage
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    merge_stage(parse_config(config), parent_run_id, Path(dataset.path), Path(candidate.path), Path(adapter.path))
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def repair(config: dict, parent_run_id: str, dataset: Input[Dataset], candidate: Input[Model],
+           evaluation: Input[Model], adapter: Output[Model], final_evaluation: Output[Model],
+           final_dataset: Output[Dataset], report: Output[Markdown]) -> NamedTuple("Outputs", [("passed", bool)]):
+    """A candidate blocked only for forgetting old slices goes up the repair ladder (merge, replay, EWC, lower
+    learning rate, each gated like the first); the outputs are what register takes (the first candidate's when
+    it passed, the repaired one's otherwise), `report` lists every attempt."""
+    import collections
+    import logging
+    from pathlib import Path
+
+    from tuneloop.config import parse_config
+    from tuneloop.stages import repair_stage
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    r = repair_stage(parse_config(config), parent_run_id, Path(dataset.path), Path(candidate.path),
+                     Path(evaluation.path), Path(adapter.path), Path(final_evaluation.path), Path(final_dataset.path))
+    Path(report.path).write_text(r.get("description") or "")
+    return collections.namedtuple("Outputs", ["passed"])(r["passed"])

@@ -1,6 +1,6 @@
 """The continuous-training DAG (see README: architecture).
 
-check_prerequisites -> ingest -> validate_data -(gate)-> sft -> dpo -> rl -> evaluate -(gate)->
+check_prerequisites -> ingest -> validate_data -(gate)-> sft -> dpo -> rl -> merge -> evaluate -> repair -(gate)->
 register -> deploy_canary -> analyze_canary -> promote | rollback, with `reward` (from the dataset, next to sft)
 feeding rl, inside an exit handler
 (`finalize`) that rolls back a live canary and closes the MLflow runs of a failed or cancelled run
@@ -96,14 +96,22 @@ def build_pipeline(platform: PlatformConfig, k8s: KubernetesConfig,  # noqa: ANN
                 rw.set_caching_options(False)  # may reuse whatever reward model is champion now
                 rl = gpu(c.rl(config=config, parent_run_id=parent, policy_adapter=dpo.outputs["adapter"],
                               reward_model=rw.outputs["reward_model"]), t_train)
-                aligned = rl.outputs["adapter"]
+                mg = gpu(c.merge(config=config, parent_run_id=parent, dataset=data.outputs["dataset"],
+                                 candidate=rl.outputs["adapter"]), t_task)
+                mg.set_caching_options(False)  # merges with whatever is champion now
+                aligned = mg.outputs["adapter"]
                 ev = gpu(c.evaluate(config=config, parent_run_id=parent, dataset=data.outputs["dataset"],
                                     adapter=aligned), t_task)
                 ev.set_caching_options(False)  # compares against whatever is champion now
+                # a candidate blocked only for forgetting old slices goes up the repair ladder; otherwise as is
+                rp = gpu(c.repair(config=config, parent_run_id=parent, dataset=data.outputs["dataset"],
+                                  candidate=aligned, evaluation=ev.outputs["evaluation"]), t_train)
+                rp.set_caching_options(False)
 
-                with dsl.If(ev.outputs["passed"] == True, name="evaluation-gate"):  # noqa: E712
-                    reg = cpu(c.register(config=config, parent_run_id=parent, adapter=aligned,
-                                         evaluation=ev.outputs["evaluation"], dataset=data.outputs["dataset"]))
+                with dsl.If(rp.outputs["passed"] == True, name="evaluation-gate"):  # noqa: E712
+                    reg = cpu(c.register(config=config, parent_run_id=parent, adapter=rp.outputs["adapter"],
+                                         evaluation=rp.outputs["final_evaluation"],
+                                         dataset=rp.outputs["final_dataset"]))
                     version = reg.outputs["Output"]
                     dep = cpu(c.deploy_canary(config=config, parent_run_id=parent, version=version))
                     ana = cpu(c.analyze_canary(config=config, parent_run_id=parent, version=version,

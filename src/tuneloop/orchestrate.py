@@ -137,7 +137,9 @@ def read_summary(cfg: RunConfig, run_name: str) -> dict[str, Any]:
         stages.append({"stage": name, "status": ch.info.status, "outcome": ch.data.tags.get("tuneloop.outcome", ""),
                        "wall_s": ch.data.metrics.get("stage_wall_s")})
         for stage, artifact in (("evaluate", "evaluation/gate.json"), ("evaluate", "evaluation/metrics.json"),
-                                ("validate_data", "validation/report.json"), ("analyze_canary", "canary/canary.json")):
+                                ("validate_data", "validation/report.json"), ("analyze_canary", "canary/canary.json"),
+                                ("reward", "reward/reward_eval.json"), ("rl", "rl/rl_watch.json"),
+                                ("repair", "repair/ladder.json")):
             if name == stage:
                 try:
                     extra[artifact] = json.loads(reg.download_run_artifact(ch.info.run_id, artifact).read_text())
@@ -148,6 +150,8 @@ def read_summary(cfg: RunConfig, run_name: str) -> dict[str, Any]:
             "outcome": parent.data.tags.get("tuneloop.outcome", parent.info.status), "stages": stages,
             "gate": extra.get("evaluation/gate.json"), "metrics": extra.get("evaluation/metrics.json"),
             "validation": extra.get("validation/report.json"), "canary": extra.get("canary/canary.json"),
+            "reward": extra.get("reward/reward_eval.json"), "rl": extra.get("rl/rl_watch.json"),
+            "repair": extra.get("repair/ladder.json"),
             "model_name": cfg.registry.model_name, "model_version": version, "aliases": reg.aliases()}
 
 
@@ -224,10 +228,16 @@ def run_direct(cfg: RunConfig, run_name: str | None = None, work: Path | None = 
         return read_summary(cfg, run_name)
     stages.sft_stage(cfg, pid, work / "dataset", work / "sft")
     stages.dpo_stage(cfg, pid, work / "dataset", work / "sft", work / "dpo")
-    if not stages.evaluate_stage(cfg, pid, work / "dataset", work / "dpo", work / "evaluation")["passed"]:
+    stages.reward_stage(cfg, pid, work / "dataset", work / "reward")
+    stages.rl_stage(cfg, pid, work / "dpo", work / "reward", work / "rl")
+    stages.merge_stage(cfg, pid, work / "dataset", work / "rl", work / "merge")
+    stages.evaluate_stage(cfg, pid, work / "dataset", work / "merge", work / "evaluation")
+    repaired = stages.repair_stage(cfg, pid, work / "dataset", work / "merge", work / "evaluation", work / "repair")
+    if not repaired["passed"]:
         stages.stop_stage(cfg, pid, STOP_EVALUATION_GATE)
         return read_summary(cfg, run_name)
-    version = stages.register_stage(cfg, pid, work / "dpo", work / "evaluation", work / "dataset")["version"]
+    r = work / "repair"
+    version = stages.register_stage(cfg, pid, r, r / "evaluation", r / "dataset")["version"]
     deployed_at = stages.deploy_canary_stage(cfg, pid, version)["deployed_at"]
     decision = stages.analyze_canary_stage(cfg, pid, version, deployed_at, work / "canary")["decision"]
     (stages.promote_stage if decision == "promote" else stages.rollback_stage)(cfg, pid, version)

@@ -97,7 +97,10 @@ class ServedStore:
 
 
 def serves(cfg: RunConfig) -> bool:
-    """Whether a local run serves this config's store: only the embedded sqlite default."""
+    """Whether a local run serves this config's store: only the embedded sqlite default, unless
+    TUNELOOP_SERVE_STORE=0 (the tasks then open the sqlite file themselves)."""
+    if os.environ.get("TUNELOOP_SERVE_STORE", "1") == "0":
+        return False
     return not cfg.registry.tracking_uri and cfg.tracking_uri.startswith("sqlite:")
 
 

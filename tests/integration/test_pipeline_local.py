@@ -52,6 +52,7 @@ def test_pipeline_promotes_then_blocks_a_failing_candidate(tmp_path, tiny_model_
     tag = v1.tags["tuneloop.quality_reference"]  # runs:/<register run>/quality/quality_reference.json
     ref = json.loads(open(mlflow.artifacts.download_artifacts(tag, dst_path=str(tmp_path / "q"))).read())
     assert "ticket_routing" in ref["slices"]
+    assert "## Quality in production" in v1.description and "| ticket_routing | 8 |" in v1.description
     adapter = reg.download_adapter(v1, tmp_path / "dl")
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     lora_b = [t for k, t in weights.items() if "lora_B" in k]

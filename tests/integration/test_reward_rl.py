@@ -15,7 +15,7 @@ from tuneloop.config import load_config
 from tuneloop.registry import Registry
 from tuneloop.tiny import build_random_adapter, tiny_training_files
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.rlhf]
 
 REWARD = {"max_steps": 4, "per_device_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1, "max_length": 160,
           "eval_share": 0.3, "safety": {"max_pairs": 24},

@@ -148,8 +148,9 @@ def test_every_component_is_in_the_compiled_pipeline(compiled: dict[str, Any]) -
 
 
 def test_alignment_paths_share_one_chain(compiled: dict[str, Any]) -> None:
-    """sft -> dpo -> rl -> evaluate, with reward feeding rl: train.alignment picks the path inside the stages (the
-    tasks off the path pass the adapter through), so evaluate and register read rl's adapter on every path."""
+    """sft -> dpo -> rl -> merge -> evaluate -> repair, with reward feeding rl: train.alignment picks the path
+    inside the stages (the tasks off the path pass the adapter through), so evaluate reads the same chain's
+    adapter on every path, and register what repair passes on."""
     t = {name: task for comp in compiled["components"].values() for name, task in comp.get("dag", {}).get(
         "tasks", {}).items()}
 
@@ -159,5 +160,8 @@ def test_alignment_paths_share_one_chain(compiled: dict[str, Any]) -> None:
 
     assert source("dpo", "sft_adapter") == "sft"
     assert source("rl", "policy_adapter") == "dpo" and source("rl", "reward_model") == "reward"
-    assert source("evaluate", "adapter") == "rl"
-    assert source("register", "adapter") == "pipelinechannel--rl-adapter"
+    assert source("merge", "candidate") == "rl" and source("evaluate", "adapter") == "merge"
+    assert source("repair", "candidate") == "merge" and source("repair", "evaluation") == "evaluate"
+    # register takes what the repair stage passes on: the evaluated candidate, or the repaired one
+    assert source("register", "adapter") == "pipelinechannel--repair-adapter"
+    assert source("register", "evaluation") == "pipelinechannel--repair-final_evaluation"

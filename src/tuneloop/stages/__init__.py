@@ -19,6 +19,7 @@ import gc
 from tuneloop.stages.common import PrerequisiteError, base_model_dir
 from tuneloop.stages.data import check_prerequisites, ingest_stage, log_data_lineage, validate_stage
 from tuneloop.stages.evaluate import evaluate_stage, register_stage
+from tuneloop.stages.repair import merge_stage, repair_stage
 from tuneloop.stages.rollout import analyze_canary_stage, deploy_canary_stage, promote_stage, rollback_stage, stop_stage
 from tuneloop.stages.story import close_abandoned_runs, finalize_stage, tell_story
 from tuneloop.stages.train import dpo_stage, reward_stage, rl_stage, sft_stage
@@ -30,5 +31,6 @@ atexit.register(gc.freeze)
 
 __all__ = ["PrerequisiteError", "analyze_canary_stage", "base_model_dir",
            "check_prerequisites", "close_abandoned_runs", "deploy_canary_stage", "dpo_stage", "evaluate_stage",
-           "finalize_stage", "ingest_stage", "log_data_lineage", "promote_stage", "register_stage", "reward_stage",
-           "rl_stage", "rollback_stage", "sft_stage", "stop_stage", "tell_story", "validate_stage"]
+           "finalize_stage", "ingest_stage", "log_data_lineage", "merge_stage", "promote_stage", "register_stage",
+           "repair_stage", "reward_stage", "rl_stage", "rollback_stage", "sft_stage", "stop_stage", "tell_story",
+           "validate_stage"]

@@ -10,7 +10,7 @@ from typing import Any
 
 from tuneloop.config import RunConfig
 from tuneloop.registry import NOTE, TAG_BASE_MODEL, TAG_DATA_HASH, Registry
-from tuneloop.stages.common import PrerequisiteError, flatten, timed_stage, record_verdict, base_model_dir
+from tuneloop.stages.common import PrerequisiteError, base_model_dir, flatten, record_verdict, timed_stage
 from tuneloop.stages.story import close_abandoned_runs, tell_story
 from tuneloop.tracing import stage_span
 
@@ -59,7 +59,8 @@ def check_prerequisites(cfg: RunConfig, run_name: str, kfp_run_id: str) -> dict[
 
 
 # 2 -------------------------------------------------------------------------------------------
-def ingest_stage(cfg: RunConfig, parent_id: str, out: Path) -> dict[str, Any]:
+def ingest_stage(cfg: RunConfig, parent_id: str, out: Path, name: str | None = None) -> dict[str, Any]:
+    """`name`: the stage run's name when it is not the pipeline's own ingest (a repair attempt's)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from tuneloop.data.formatting import ChatFormatter, check_tokenizer
@@ -84,7 +85,7 @@ def ingest_stage(cfg: RunConfig, parent_id: str, out: Path) -> dict[str, Any]:
         return {**report, "outcome": f"{report['accepted']} accepted, {report['quarantined']} quarantined",
                 "description": _ingest_note(report)}
 
-    return timed_stage(reg, parent_id, "ingest", run)
+    return timed_stage(reg, parent_id, name or "ingest", run)
 
 
 def _ingest_note(r: dict[str, Any]) -> str:

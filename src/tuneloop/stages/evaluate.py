@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,16 @@ from tuneloop.config import PREFERENCE_SLICE, SAFETY_SLICE, RunConfig
 from tuneloop.data.validate import FEEDBACK_SLICE  # a constant; the module imports pandas, GX lazily
 from tuneloop.registry import (TAG_BASE_MODEL, TAG_BASE_PATH, TAG_DATA_HASH, TAG_GIT_SHA, TAG_PIPELINE_RUN,
                                TAG_TRAINED_SLICES, Registry, git_sha)
-from tuneloop.stages.common import timed_stage, record_verdict, base_model_dir
+from tuneloop.stages.common import base_model_dir, record_verdict, timed_stage
+
+log = logging.getLogger("tuneloop.stages")
 
 
 # 6 -------------------------------------------------------------------------------------------
-def evaluate_stage(cfg: RunConfig, parent_id: str, dataset: Path, candidate: Path, out: Path) -> dict[str, Any]:
+def evaluate_stage(cfg: RunConfig, parent_id: str, dataset: Path, candidate: Path, out: Path,
+                   name: str | None = None) -> dict[str, Any]:
+    """The gate against the champion; a blocked candidate gets its diagnosis (evaluation/diagnosis.md, also
+    appended to report.md, the task's Markdown output). `name`: a repair attempt's stage run name."""
     from tuneloop.evaluate.model_card import gate_markdown, huge_base_perplexity
     from tuneloop.evaluate.run import evaluate_models
 
@@ -34,6 +40,8 @@ def evaluate_stage(cfg: RunConfig, parent_id: str, dataset: Path, candidate: Pat
             for sl, m in result["metrics"].get(who, {}).items():
                 reg.log_metrics(run_id, {f"{who}.{sl}.{k}": v for k, v in m.items()
                                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        if not result["gate"]["passed"]:
+            _diagnose_blocked(cfg, reg, parent_id, dataset, candidate / "adapter", out)
         reg.log_artifacts(run_id, out, "evaluation")
         g = result["gate"]
         confusion = [m["confusion"] for sl, m in sorted(result["metrics"]["candidate"].items())
@@ -52,14 +60,39 @@ def evaluate_stage(cfg: RunConfig, parent_id: str, dataset: Path, candidate: Pat
                 "outcome": "gate PASSED" if g["passed"] else
                 f"gate FAILED: {', '.join(r['slice'] + '/' + r['metric'] for r in g['rules'] if not r['passed'])}"}
 
-    return timed_stage(reg, parent_id, "evaluate", run)
+    return timed_stage(reg, parent_id, name or "evaluate", run)
+
+
+def _diagnose_blocked(cfg: RunConfig, reg: Registry, parent_id: str, dataset: Path, adapter: Path,
+                      out: Path) -> None:
+    """diagnosis.{md,json} next to gate.json, appended to report.md (evaluate/diagnosis.py); never fails the
+    stage: a diagnosis that cannot be made says so in the log."""
+    from tuneloop.data.replay import champion_training_data
+    from tuneloop.evaluate.diagnosis import diagnose, write_blocked_report
+
+    try:
+        champ_data = champion_training_data(reg, cfg.state_path / "champion-data")
+        drift = None
+        validated = [r for r in reg.stage_runs(parent_id, "validate_data") if r.info.status == "FINISHED"]
+        if validated:
+            try:
+                drift = reg.download_run_artifact(validated[-1].info.run_id, "validation/drift/drift.json",
+                                                  out.parent / f".{out.name}-drift")
+            except Exception:  # noqa: BLE001 - the diagnosis stands without the drift report
+                drift = None
+        d = diagnose(out, dataset, champ_data.sft if champ_data else None, drift, cfg.evaluate,
+                     base_dir=base_model_dir(cfg), candidate=adapter, system_prompt=cfg.data.system_prompt)
+        write_blocked_report(d, out)
+    except Exception as e:  # noqa: BLE001 - the gate's verdict stands; the diagnosis is an aid
+        log.warning("no diagnosis of the blocked candidate: %s: %s", type(e).__name__, e)
 
 
 # 7 -------------------------------------------------------------------------------------------
 def register_stage(cfg: RunConfig, parent_id: str, candidate: Path, evaluation: Path,
                    dataset: Path) -> dict[str, Any]:
     from tuneloop.deploy.mlflow_model import build_model_dir
-    from tuneloop.evaluate.calibration import REFERENCE_FILE, REFERENCE_TAG, write_reference
+    from tuneloop.evaluate.calibration import REFERENCE_FILE, REFERENCE_TAG, reference_summary, write_reference
+    from tuneloop.evaluate.model_card import quality_markdown
     from tuneloop.evaluate.model_card import model_card
 
     reg = Registry(cfg)
@@ -77,6 +110,9 @@ def register_stage(cfg: RunConfig, parent_id: str, candidate: Path, evaluation: 
                 TAG_TRAINED_SLICES: ",".join(trained),
                 TAG_BASE_MODEL: cfg.base_model.name, TAG_BASE_PATH: str(base_model_dir(cfg)),
                 "tuneloop.loop": cfg.name}
+        repaired = evaluation / "repair_tags.json"  # a candidate the repair ladder produced: its mitigation
+        if repaired.exists():
+            tags.update(json.loads(repaired.read_text()))
         tags["tuneloop.config_sha256"] = hashlib.sha256(
             json.dumps(cfg.to_pipeline_param(), sort_keys=True).encode()).hexdigest()
         base = base_model_dir(cfg)
@@ -86,11 +122,17 @@ def register_stage(cfg: RunConfig, parent_id: str, candidate: Path, evaluation: 
         version = str(mv.version)
         # the calibration reference of label-free quality estimation (tuneloop monitor), stored with the version
         qdir = Path(tempfile.mkdtemp())
-        if write_reference(evaluation / "predictions.jsonl", cfg.evaluate, qdir / REFERENCE_FILE, version=version):
+        quality = write_reference(evaluation / "predictions.jsonl", cfg.evaluate, qdir / REFERENCE_FILE,
+                                  version=version)
+        if quality:
             reg.log_artifacts(run_id, qdir, "quality")
             reg.set_version_tag(version, REFERENCE_TAG, f"runs:/{run_id}/quality/{REFERENCE_FILE}")
         reg.log_artifacts(run_id, evaluation, "evaluation")
         card = model_card(cfg, version, tags, report, json.loads((evaluation / "metrics.json").read_text()), gate)
+        if quality:
+            card += "\n\n" + quality_markdown(reference_summary(quality))
+        if (evaluation / "ladder.md").exists():
+            card += "\n\n" + (evaluation / "ladder.md").read_text()
         card_dir = Path(tempfile.mkdtemp())
         (card_dir / "model_card.md").write_text(card)
         (card_dir / "run_config.json").write_text(json.dumps(cfg.to_pipeline_param(), indent=2))

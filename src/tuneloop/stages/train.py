@@ -5,18 +5,22 @@ PyTorchJob)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 from tuneloop.config import RunConfig
 from tuneloop.registry import Registry
-from tuneloop.stages.common import timed_stage, base_model_dir
+from tuneloop.stages.common import base_model_dir, timed_stage
+
+log = logging.getLogger("tuneloop.stages")
 
 
 # 4, 5 ----------------------------------------------------------------------------------------
 def _train(cfg: RunConfig, parent_id: str, stage: str, data: Path, out: Path,
-           init_adapter: Path | None) -> dict[str, Any]:
+           init_adapter: Path | None, name: str | None = None) -> dict[str, Any]:
+    """`name`: a repair attempt's stage run name; its checkpoints then live apart from the pipeline's own."""
     from tuneloop.evaluate.model_card import num
     from tuneloop.train.launch import build_spec, launch
 
@@ -38,8 +42,9 @@ def _train(cfg: RunConfig, parent_id: str, stage: str, data: Path, out: Path,
                                 "backend": cfg.train.backend, "num_nodes": cfg.train.num_nodes,
                                 "method": cfg.train.method,
                                 **{f"lora.{k}": v for k, v in cfg.train.lora.model_dump().items()}})
+        checkpoints_of = parent_id if name is None else f"{parent_id}-{name.replace('/', '-')}"
         spec = build_spec(cfg, stage, base_model_dir(cfg), data, out, init_adapter,
-                          {"tracking_uri": reg.uri, "run_id": run_id}, pipeline_run=parent_id)
+                          {"tracking_uri": reg.uri, "run_id": run_id}, pipeline_run=checkpoints_of)
         result = launch(cfg, spec, parent_id)  # a rerun of this pipeline run resumes from its checkpoints
         reg.log_metrics(run_id, {k: v for k, v in result.items() if isinstance(v, (int, float))
                                  and not isinstance(v, bool)})
@@ -52,15 +57,40 @@ def _train(cfg: RunConfig, parent_id: str, stage: str, data: Path, out: Path,
                                + (f"; resumed from the checkpoint at step {resumed}" if resumed else "")
                                + f"; the adapter goes on to {'dpo' if stage == 'sft' else 'evaluate'}."}
 
-    return timed_stage(reg, parent_id, stage, run)
+    return timed_stage(reg, parent_id, name or stage, run)
 
 
-def sft_stage(cfg: RunConfig, parent_id: str, dataset: Path, out: Path) -> dict[str, Any]:
-    return _train(cfg, parent_id, "sft", dataset / "sft.jsonl", out, None)
+def sft_stage(cfg: RunConfig, parent_id: str, dataset: Path, out: Path, name: str | None = None) -> dict[str, Any]:
+    return _train(cfg, parent_id, "sft", dataset / "sft.jsonl", out, sft_init_adapter(cfg, out), name)
 
 
-def dpo_stage(cfg: RunConfig, parent_id: str, dataset: Path, sft_out: Path, out: Path) -> dict[str, Any]:
-    return _train(cfg, parent_id, "dpo", dataset / "preference.jsonl", out, sft_out / "adapter")
+def dpo_stage(cfg: RunConfig, parent_id: str, dataset: Path, sft_out: Path, out: Path,
+              name: str | None = None) -> dict[str, Any]:
+    return _train(cfg, parent_id, "dpo", dataset / "preference.jsonl", out, sft_out / "adapter", name)
+
+
+def sft_init_adapter(cfg: RunConfig, out: Path) -> Path | None:
+    """train.sft.init: champion -> SFT continues the champion's adapter; with train.sft.ewc.lambda_ > 0, the
+    EWC anchor (that adapter + its Fisher on the champion's training data: train/ewc.py). None: a fresh one."""
+    if cfg.train.sft.init != "champion" or cfg.train.method == "full":
+        return None
+    from tuneloop.data.replay import champion_training_data
+    from tuneloop.train.ewc import prepare_anchor
+
+    reg = Registry(cfg)
+    champ = reg.alias_version("champion")
+    if champ is None:
+        log.info("train.sft.init: champion, but there is no champion yet: SFT trains a fresh adapter")
+        return None
+    adapter = reg.download_adapter(champ, cfg.state_path / "serving")
+    if cfg.train.sft.ewc.lambda_ <= 0:
+        return adapter
+    data = champion_training_data(reg, cfg.state_path / "champion-data")
+    if data is None:
+        raise RuntimeError(f"train.sft.ewc.lambda_: champion v{champ.version}'s training data is not recorded, so "
+                           "its Fisher cannot be estimated; set it to 0 or use another mitigation")
+    return prepare_anchor(base_model_dir(cfg), adapter, data.sft, out / "ewc-anchor",
+                          cfg.train.sft.ewc.fisher_samples, cfg.train.sft.max_length)
 
 
 # 5b: alignment reward+rl -------------------------------------------------------------------------------------
