@@ -91,7 +91,6 @@ def run_local(cfg: RunConfig, run_name: str | None = None) -> dict[str, Any]:
 
     from tuneloop.deploy.canary import start_gateway, stop_gateway
     from tuneloop.pipelines.continuous_training import continuous_training
-    from tuneloop.tracking_server import ServedStore, serves, tasks_use
 
     from tuneloop.env import apply_defaults
 
@@ -100,22 +99,13 @@ def run_local(cfg: RunConfig, run_name: str | None = None) -> dict[str, Any]:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     cfg.state_path.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    # the embedded store served over loopback to the tasks and the gateway (tracking_server.py): one
-    # process opens the sqlite file (two creating its schema at once would collide)
-    server = ServedStore(cfg) if serves(cfg) else None
-    gateway = None
+    gateway = start_gateway(cfg) if cfg.deploy.backend == "local" else None
     try:
-        if server is not None:
-            server.start()
-        with tasks_use(server):
-            gateway = start_gateway(cfg) if cfg.deploy.backend == "local" else None
-            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(cfg.state_path / "kfp"),
-                       raise_on_error=True)
-            continuous_training(config=cfg.to_pipeline_param(), run_name=run_name)
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(cfg.state_path / "kfp"),
+                   raise_on_error=True)
+        continuous_training(config=cfg.to_pipeline_param(), run_name=run_name)
     finally:
         stop_gateway(gateway)
-        if server is not None:
-            server.stop()
     summary = read_summary(cfg, run_name)
     summary["pipeline_wall_s"] = time.perf_counter() - started
     return summary

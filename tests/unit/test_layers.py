@@ -21,7 +21,7 @@ TREES = {SRC: "tuneloop", ROOT / "components": "tuneloop.components", ROOT / "pi
 # the floor of each room (top-level module or package under tuneloop); higher imports lower, never back
 FLOORS = {
     "config": 0, "feedback": 0, "images": 0, "env": 0, "jsonl": 0, "pkgdata": 0, "progress": 0, "tracing": 0,
-    "registry": 1, "tiny": 1, "tracking_server": 1, "mlflow_users": 2,
+    "registry": 1, "tiny": 1, "mlflow_users": 2,
     "data": 2, "train": 2, "models": 2,
     "evaluate": 3,
     "deploy": 4, "monitor": 4, "repair": 4,

@@ -17,9 +17,6 @@ from tuneloop.config.kubernetes import KubernetesConfig, PlatformConfig
 from tuneloop.config.secrets import credential_findings
 from tuneloop.config.train import BaseModelConfig, TrainConfig
 
-# "<sqlite uri> <http uri>": set by a local pipeline run for its tasks (tuneloop.tracking_server)
-SERVED_STORE_ENV = "TUNELOOP_SERVED_STORE"
-
 
 class RunConfig(_Strict):
     name: str = Field(description="Name of this continuous-training loop (run names and tags start with it).")
@@ -103,9 +100,7 @@ class RunConfig(_Strict):
     def tracking_uri(self) -> str:
         if self.registry.tracking_uri:
             return self.registry.tracking_uri
-        store = f"sqlite:///{(self.state_path / 'mlflow.db').resolve()}"
-        served, _, url = os.environ.get(SERVED_STORE_ENV, "").partition(" ")
-        return url if served == store and url else store
+        return f"sqlite:///{(self.state_path / 'mlflow.db').resolve()}"
 
     @property
     def artifact_location(self) -> str | None:
