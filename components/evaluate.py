@@ -61,5 +61,6 @@ def repair(config: dict, parent_run_id: str, dataset: Input[Dataset], candidate:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     r = repair_stage(parse_config(config), parent_run_id, Path(dataset.path), Path(candidate.path),
                      Path(evaluation.path), Path(adapter.path), Path(final_evaluation.path), Path(final_dataset.path))
-    Path(report.path).write_text(r.get("description") or "")
+    ladder = Path(adapter.path) / "record" / "ladder.md"
+    Path(report.path).write_text(ladder.read_text() if ladder.exists() else r["outcome"])
     return collections.namedtuple("Outputs", ["passed"])(r["passed"])

@@ -236,6 +236,11 @@ def mitigation_config(name: str, cfg: RunConfig, has_champion: bool = True) -> t
                    "hold on to")
     if name != "replay" and t.method == "full":
         raise Skip("method full has no LoRA adapters to merge or continue")
+    if name == "merge" and t.merge.enabled:
+        raise Skip("train.merge.enabled is on already: the candidate was merged with the champion before the gate")
+    if name != "merge" and t.alignment == "reward+rl":
+        raise Skip("a retrained attempt under train.alignment reward+rl would need the run's reward model again; "
+                   "the ladder retrains the dpo and none paths only (merge still applies)")
     if name == "merge":
         changes: dict[str, Any] = {"train.merge.enabled": True}
         params = {"train.merge.enabled": True, "methods": list(t.merge.methods),
@@ -294,6 +299,9 @@ def pipeline_attempt(cfg: RunConfig, dataset: Path, candidate: Path, out: Path, 
             sft(acfg, data, base / "sft", f"repair/{tag}/sft")
             cand = base / "aligned"
             align(acfg, data, base / "sft", cand, f"repair/{tag}/align")
+            if acfg.train.merge.enabled:  # built exactly like the first candidate: merged as it was
+                merge(acfg, dataset, cand, base / "merge", f"repair/{tag}/merge")
+                cand = base / "merge"
         result = evaluate(acfg, dataset, cand, base / "evaluation", f"repair/{tag}/evaluate")
         return AttemptResult(result["gate"], result.get("metrics"), str(cand / "adapter"),
                              {**params, "dataset": str(data)}, evaluation=str(base / "evaluation"))

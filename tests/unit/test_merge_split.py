@@ -191,6 +191,21 @@ def test_lower_lr_continues_the_champion_at_a_lower_rate(cfg) -> None:
     assert params["train.sft.learning_rate"] == low.train.sft.learning_rate
 
 
+def test_mitigations_that_cannot_apply_are_skipped_with_the_reason(cfg) -> None:
+    from tuneloop.repair import Skip, mitigation_config
+
+    merged = cfg.model_copy(deep=True)
+    merged.train.merge.enabled = True  # the candidate was merged before the gate: merging again counts it twice
+    with pytest.raises(Skip, match="train.merge.enabled is on already"):
+        mitigation_config("merge", merged)
+    assert mitigation_config("replay", merged)[0].train.merge.enabled, "a retrained attempt is merged like the first"
+    rl = cfg.model_copy(deep=True)
+    rl.train.alignment = "reward+rl"
+    with pytest.raises(Skip, match="reward\\+rl"):
+        mitigation_config("ewc", rl)
+    assert mitigation_config("merge", rl)[0].train.merge.enabled
+
+
 def test_ladder_budget_by_attempts(cfg) -> None:
     from tuneloop.repair import Budget, repair
 

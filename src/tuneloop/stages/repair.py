@@ -72,7 +72,7 @@ def repair_stage(cfg: RunConfig, parent_id: str, dataset: Path, candidate: Path,
         known |= set(metrics["champion"]) - {"all", SAFETY_SLICE, PREFERENCE_SLICE}
         old = old_slices(known, report["by_kind"]["sft"]["per_slice"], cfg.train.repair.old_slice_max_share)
         attempt = pipeline_attempt(
-            cfg, dataset, candidate, out / "attempts",
+            cfg, dataset, candidate, cfg.state_path / "repair" / parent_id,  # not in the task's output artifact
             ingest=lambda c, o, label: ingest_stage(c, parent_id, o, name=label),
             sft=lambda c, d, o, label: sft_stage(c, parent_id, d, o, name=label),
             align=lambda c, d, s, o, label: dpo_stage(c, parent_id, d, s, o, name=label),

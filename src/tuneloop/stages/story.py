@@ -87,7 +87,9 @@ def _close_unfinished(cfg: RunConfig, reg: Registry, parent: Any, verb: str, sta
 
     pid = parent.info.run_id
     runs = reg.stage_runs(pid)
-    failed = [r for r in runs if r.info.status in ("FAILED", "KILLED")]
+    # a repair attempt that failed was recorded by the ladder, which went on: it is not where the run failed
+    failed = [r for r in runs if r.info.status in ("FAILED", "KILLED")
+              and not r.data.tags.get(TAG_STAGE, r.info.run_name).startswith("repair/")]
     for r in runs:
         if r.info.status == "RUNNING":  # its task was killed before it could close it
             reg.close_run(r.info.run_id, "KILLED", open_stage_outcome)

@@ -45,7 +45,7 @@ def _train(cfg: RunConfig, parent_id: str, stage: str, data: Path, out: Path,
         checkpoints_of = parent_id if name is None else f"{parent_id}-{name.replace('/', '-')}"
         spec = build_spec(cfg, stage, base_model_dir(cfg), data, out, init_adapter,
                           {"tracking_uri": reg.uri, "run_id": run_id}, pipeline_run=checkpoints_of)
-        result = launch(cfg, spec, parent_id)  # a rerun of this pipeline run resumes from its checkpoints
+        result = launch(cfg, spec, checkpoints_of)  # a rerun of this pipeline run resumes from its checkpoints
         reg.log_metrics(run_id, {k: v for k, v in result.items() if isinstance(v, (int, float))
                                  and not isinstance(v, bool)})
         outcome = (f"{result['steps']} steps, loss {num(result['first_loss'])} -> {num(result['final_loss'])}, "
