@@ -211,6 +211,12 @@ def test_grafana_dashboard_reads_the_gateway_metrics(rendered):
     exposed = set()
     for kind, name in re.findall(r'(Counter|Histogram)\(\s*"(tuneloop_[a-z_]+)"', source):
         exposed |= {f"{name}_total"} if kind == "Counter" else {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    # tuneloop monitor's quality gauges (its textfile, monitor/check.py): each name template with its parts
+    monitor = (ROOT / "src" / "tuneloop" / "monitor" / "check.py").read_text()
+    for template in re.findall(r'add\(f?"([a-z_{}]+)"', monitor):
+        for metric in ("accuracy", "macro_f1", "precision", "recall"):
+            for part in ("", "_lower", "_upper"):
+                exposed.add("tuneloop_monitor_" + template.format(metric=metric, part=part))
     assert used and used <= exposed, used - exposed
     assert {"tuneloop_requests_total", "tuneloop_request_latency_seconds_bucket",
             "tuneloop_completion_tokens_total", "tuneloop_feedback_score_sum"} <= used

@@ -35,8 +35,9 @@ def test_pipeline_promotes_then_blocks_a_failing_candidate(tmp_path, tiny_model_
     assert first["outcome"] == "promoted v1", first
     assert first["aliases"] == {"champion": "1"}
     names = [s["stage"] for s in first["stages"]]
-    assert names == ["check_prerequisites", "ingest", "validate_data", "sft", "dpo", "evaluate", "register", "deploy_canary",
-                     "analyze_canary", "promote"]
+    # reward and rl pass the adapter through without a run of their own under train.alignment dpo
+    assert names == ["check_prerequisites", "ingest", "validate_data", "sft", "dpo", "merge", "evaluate", "repair",
+                     "register", "deploy_canary", "analyze_canary", "promote"]
     assert all(s["status"] == "FINISHED" for s in first["stages"])
     reg = Registry(cfg)
     sft_run = reg.client.search_runs([first["experiment_id"]], "tags.`tuneloop.stage` = 'sft'")[0]
@@ -89,6 +90,12 @@ def test_pipeline_promotes_then_blocks_a_failing_candidate(tmp_path, tiny_model_
     story2 = reg.client.get_run(second["parent_run_id"]).data.tags["mlflow.note.content"]
     assert story2.startswith("### Pipeline run tiny-run-2: rejected by the evaluation gate")
     assert "**Evaluation gate: BLOCKED**" in story2 and "| ticket_routing | accuracy |" in story2
+    # the blocked candidate is diagnosed; the ladder does not run for a failed `min` rule (not forgetting)
+    ev2 = reg.stage_runs(second["parent_run_id"], "evaluate")[0]
+    listed = reg.client.list_artifacts(ev2.info.run_id, "evaluation")
+    assert "diagnosis.md" in [a.path.rsplit("/", 1)[-1] for a in listed]
+    rp2 = reg.stage_runs(second["parent_run_id"], "repair")[0]
+    assert rp2.data.tags["tuneloop.outcome"].startswith("repair ladder not run")
     # nothing of the run - MLflow store and artifacts, KFP outputs, datasets, checkpoints, logs - holds the secret
     assert _files_holding(tmp_path, PLANTED.encode()) == []
     out, err = capfd.readouterr()
