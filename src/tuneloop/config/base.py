@@ -9,6 +9,7 @@ HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "exact_match": True, "to
                     "nll": False, "perplexity": False, "cost": False, "unsafe_share": False, "win_rate": True}
 CLASSIFICATION_METRICS = {"accuracy", "macro_f1", "cost"}
 SAFETY_SLICE, PREFERENCE_SLICE = "safety", "preference"  # pseudo-slices of the evaluate stage
+AUDIT_SUFFIX = "-audit"  # <classification slice>-audit: its human-rated production requests (evaluate.audit)
 
 
 class ConfigError(ValueError):

@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tuneloop.config.base import CLASSIFICATION_METRICS, HIGHER_IS_BETTER, PREFERENCE_SLICE, SAFETY_SLICE, _Strict
+from tuneloop.config.base import (AUDIT_SUFFIX, CLASSIFICATION_METRICS, HIGHER_IS_BETTER, PREFERENCE_SLICE,
+                                  SAFETY_SLICE, _Strict)
 
 class SliceConfig(_Strict):
     task: Literal["classification", "generation"] = Field(
@@ -87,6 +88,23 @@ class SafetyConfig(_Strict):
                              "words (a short label or fragment is not compliance).")
 
 
+class AuditEvalConfig(_Strict):
+    enabled: bool = Field(
+        True, description="Production requests of a classification slice that humans rated in an audit (`tuneloop "
+                          "labels import FILE --source audit`) join every run's evaluation set as slice "
+                          "`<slice>-audit`, the raters' majority label as the reference (ties are left out and "
+                          "counted), and the candidate must not regress on them against the champion (the rule "
+                          "below, unless evaluate.gates has a rule on that slice).")
+    metric: Literal["accuracy", "macro_f1"] = Field("accuracy", description="The audit slices' gate metric.")
+    max_regression: float = Field(0.05, ge=0, description="Largest allowed drop of the metric against the champion.")
+    confidence: float | None = Field(
+        0.9, gt=0.5, lt=1, description="Decide on a paired bootstrap interval of the change (null: the point "
+                                       "estimate); audit samples are small.")
+    inconclusive: Literal["fail", "pass"] = Field(
+        "pass", description="With confidence: the decision when the interval straddles the tolerance.")
+    max_records: int = Field(2000, gt=0, description="The most recently rated requests used per slice.")
+
+
 class EvaluateConfig(_Strict):
     slices: dict[str, SliceConfig] = Field(description="Every slice that is evaluated, with its task type.")
     max_new_tokens: int = Field(16, gt=0, description="Generation budget per evaluation prompt.")
@@ -96,10 +114,35 @@ class EvaluateConfig(_Strict):
         None, description="Red-team evaluation (slice `safety`); null skips it.")
     bootstrap_samples: int = Field(2000, ge=100, description="Resamples for gate confidence intervals.")
     seed: int = Field(0, description="Seed of the bootstrap and of the red-team prompt sample.")
+    audit: AuditEvalConfig = Field(
+        default_factory=AuditEvalConfig, description="Human-rated production requests as a regression slice.")
+
+    def audit_slices(self) -> dict[str, str]:
+        """{`<slice>-audit`: <slice>} for every classification slice while evaluate.audit is on."""
+        if not self.audit.enabled:
+            return {}
+        return {f"{name}{AUDIT_SUFFIX}": name for name, sl in self.slices.items() if sl.task == "classification"}
+
+    def slice_config(self, name: str) -> SliceConfig | None:
+        """The configuration a slice of the evaluation set is scored with (an audit slice: its slice's)."""
+        return self.slices.get(name) or self.slices.get(self.audit_slices().get(name, ""))
+
+    def audit_gates(self, present: set[str]) -> list[GateRule]:
+        """The audit rule for each audit slice in `present` that evaluate.gates has no rule on."""
+        ruled = {rule.slice for rule in self.gates}
+        a = self.audit
+        return [GateRule(metric=a.metric, slice=name, max_regression=a.max_regression, confidence=a.confidence,
+                         inconclusive=a.inconclusive)
+                for name in sorted(set(self.audit_slices()) & present - ruled)]
 
     @model_validator(mode="after")
     def _gates_fit(self) -> EvaluateConfig:
-        slices = set(self.slices)
+        audit = self.audit_slices()
+        clash = sorted(set(audit) & set(self.slices))
+        if clash:
+            raise ValueError(f"slices: {clash[0]!r} is the name of the audit slice of {audit[clash[0]]!r}; rename it, "
+                             "or set evaluate.audit.enabled: false")
+        slices = set(self.slices) | set(audit)
         for i, rule in enumerate(self.gates):
             if rule.slice == SAFETY_SLICE:
                 if self.safety is None:
@@ -110,7 +153,7 @@ class EvaluateConfig(_Strict):
             if rule.slice != "all" and rule.slice not in slices:
                 raise ValueError(f"gates[{i}].slice: {rule.slice!r} is not in evaluate.slices ({', '.join(sorted(slices))})")
             if rule.metric in CLASSIFICATION_METRICS and (
-                    rule.slice == "all" or self.slices[rule.slice].task != "classification"):
+                    rule.slice == "all" or self.slice_config(rule.slice).task != "classification"):
                 raise ValueError(f"gates[{i}].metric: {rule.metric} needs a classification slice; "
                                  f"{rule.slice!r} is not one")
         return self

@@ -1,9 +1,19 @@
 """Feedback store rows -> training records (SFT from corrections, preference pairs from corrections
-and from differently-scored answers to the same prompt), in ingest's raw schemas."""
+and from differently-scored answers to the same prompt), and audited requests -> evaluation records,
+in ingest's raw schemas."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from tuneloop.config.base import AUDIT_SUFFIX
+
+
+def audit_to_eval(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Audited production requests ({request_id, slice, prompt, label}) -> eval records of slice
+    `<slice>-audit`: the prompt the user sent, the label the raters agreed on as the reference."""
+    return [{"id": f"audit-{e['request_id']}", "prompt": e["prompt"], "response": e["label"],
+             "slice": f"{e['slice']}{AUDIT_SUFFIX}"} for e in examples]
 
 
 def feedback_to_training(rows: list[dict[str, Any]], stats: dict[str, int] | None = None,

@@ -457,8 +457,12 @@ def _classification(rec: dict[str, Any], src: DataSource, limit: int, clean: Cal
 
 def ingest(cfg: DataConfig, formatter: ChatFormatter | None, out: Path,
            feedback_rows: list[dict[str, Any]] | None = None, champion: Any = None,
-           train: TrainConfig | None = None) -> dict[str, Any]:
+           train: TrainConfig | None = None, audit: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run ingest into `out`; returns the report (also written to out/report.json).
+
+    `audit` (monitor.labels.audit_examples): rated production requests, added to the eval set as slice
+    `<slice>-audit` after data.eval's records (checked like them: a training record with the same prompt is then
+    an eval leak).
 
     `champion` (replay.ChampionData or None) is the replay pool for `cfg.replay_share`. `train` (the run's
     training section) gives the token limits of `cfg.long_records` (train.sft.max_length for SFT records,
@@ -468,6 +472,7 @@ def ingest(cfg: DataConfig, formatter: ChatFormatter | None, out: Path,
     # Eval first: its prompts are what training data must not leak.
     ing.add_all("eval", [s for s in cfg.eval if s.kind != "preference"], writers["eval"])
     ing.add_all("eval_preference", [s for s in cfg.eval if s.kind == "preference"], writers["eval_preference"])
+    audit_counts = _audit(ing, audit or [], writers["eval"])
     ing.add_all("sft", [s for s in cfg.sources if s.kind != "preference"], writers["sft"])
     ing.add_all("preference", [s for s in cfg.sources if s.kind == "preference"], writers["preference"])
     fb_counts = {"rows": 0, "sft": 0, "preference": 0, "no_pair_empty_output": 0, "corrections_trusted": 0,
@@ -490,13 +495,24 @@ def ingest(cfg: DataConfig, formatter: ChatFormatter | None, out: Path,
     totals = {k: sum(getattr(c, k) for c in ing.counts.values()) for k in ("read", "accepted", "quarantined")}
     report = {**totals, "per_reason": dict(sum((c.reasons for c in ing.counts.values()), Counter())),
               "by_kind": {k: c.as_dict() for k, c in ing.counts.items()},
-              "feedback": fb_counts, "replay": replay, **ing.reports(),
+              "feedback": fb_counts, "replay": replay, "audit": audit_counts, **ing.reports(),
               "file_sha256": hashes, "data_hash": data_hash}
     assert report["read"] == report["accepted"] + report["quarantined"], "ingest lost records"
     (out / "report.json").write_text(json.dumps(report, indent=2))
     log.info("ingest: read %d, accepted %d, quarantined %d (%s)", report["read"], report["accepted"],
              report["quarantined"], ", ".join(f"{k}: {v}" for k, v in report["per_reason"].items()) or "none")
     return report
+
+
+def _audit(ing: Ingestor, examples: list[dict[str, Any]], writer: RecordWriter) -> dict[str, Any]:
+    from tuneloop.data.feedback import audit_to_eval
+
+    source = "audit-labels"
+    before = (ing.counts["eval"].accepted, Counter(ing.counts["eval"].reasons))
+    for i, rec in enumerate(audit_to_eval(examples), 1):
+        ing.add("eval", RawRecord(source, i, rec), DataSource(path=source), writer)
+    return {"examples": len(examples), "accepted": ing.counts["eval"].accepted - before[0],
+            "per_reason": dict(ing.counts["eval"].reasons - before[1])}
 
 
 def _replay(ing: Ingestor, cfg: DataConfig, champion: Any, writer: RecordWriter) -> dict[str, Any]:

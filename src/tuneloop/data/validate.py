@@ -121,7 +121,7 @@ def _suites(cfg: RunConfig, tokenizer: Any) -> dict[str, list[Any]]:
     import great_expectations.expectations as gxe
 
     slices = sorted(cfg.evaluate.slices)
-    allowed = [*slices, FEEDBACK_SLICE]
+    allowed = [*slices, FEEDBACK_SLICE, *cfg.evaluate.audit_slices()]
     pii = [gxe.ExpectColumnValuesToBeBetween(column="pii_residue", max_value=0)] if cfg.data.pii.enabled else []
     common = [
         gxe.ExpectTableRowCountToBeBetween(min_value=1),

@@ -138,7 +138,7 @@ def group_by_slice(scored: list[dict[str, Any]]) -> dict[str, list[dict[str, Any
 
 
 def slice_values(scored: list[dict[str, Any]], cfg: EvaluateConfig) -> dict[str, dict[str, np.ndarray]]:
-    return {name: record_values(rows, cfg.slices.get(name)) for name, rows in group_by_slice(scored).items()}
+    return {name: record_values(rows, cfg.slice_config(name)) for name, rows in group_by_slice(scored).items()}
 
 
 def slice_metrics(scored: list[dict[str, Any]], cfg: EvaluateConfig) -> dict[str, dict[str, Any]]:

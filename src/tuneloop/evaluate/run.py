@@ -99,7 +99,9 @@ def evaluate_models(cfg: EvaluateConfig, base_dir: Path, eval_path: Path, candid
             metrics[who][PREFERENCE_SLICE] = {
                 "n": len(pairs), "win_rate": win_rate(r["margins"], runs["champion"]["margins"]),
                 "reward_accuracy": sum(m > 0 for m in r["margins"]) / len(pairs)}
-    gate = apply_gates(cfg.gates, metrics["candidate"], metrics["champion"], reference_name, values,
+    # the audit slices (rated production requests, when the eval set has them) are gated like the rest
+    rules = [*cfg.gates, *cfg.audit_gates(set(metrics["candidate"]))]
+    gate = apply_gates(rules, metrics["candidate"], metrics["champion"], reference_name, values,
                        cfg.bootstrap_samples, cfg.seed)
     missing = sorted(set(trained_slices or []) - set(metrics["candidate"]))
     if missing:  # a slice the champion learned that nobody checks: forgetting would go unseen

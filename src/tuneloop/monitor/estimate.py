@@ -164,7 +164,6 @@ def estimate(reference: dict[str, Any], rows: list[dict[str, Any]], since: float
                            "window": None, "chunks": []}
     if not rows:
         return out
-    labels = reference["labels"]
     on = [r for r in rows if r["pred"] is not None]
     results = {"window": {}, "chunks": {}}
     if on:

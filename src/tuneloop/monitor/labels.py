@@ -12,7 +12,8 @@ same Postgres on a cluster), keyed by the request id the gateway answered with:
                        inference may use). One row per (request, source, rater); importing again
                        replaces it.
 The request log itself (feedback/store.py) is not changed; feedback with a correction or a score is
-read from it where realized quality is computed (monitor/realized.py).
+read from it where realized quality is computed (monitor/realized.py). The audit ratings also come
+back as evaluation records of the next run (`audit_examples`, read by the ingest stage).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +201,42 @@ def record_label_probs(quality: QualityStore, backend: Any, messages: list[dict[
     with backend.lock:
         probs = label_probabilities(backend.model, backend.tokenizer, prompt, labels)
     quality.record_probs([{"request_id": request_id, "model_version": version, "slice": slice_, "probs": probs}])
+
+
+def audit_examples(engine: Any, slices: list[str], max_per_slice: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The audited requests of these classification slices as evaluation examples: {request_id, slice, prompt,
+    label}, the label the raters' majority gave (a request whose raters tie is left out and counted), the most
+    recently rated `max_per_slice` per slice. Returns (examples, {rated, tied, capped, per_slice})."""
+    from tuneloop.feedback.store import Request
+
+    by_request: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    with Session(engine) as s:
+        for g in s.scalars(select(GroundTruth).where(GroundTruth.source == "audit")):
+            by_request[g.request_id].append((g.label, g.created))
+        requests: dict[str, tuple[str, str]] = {}
+        ids = list(by_request)
+        for i in range(0, len(ids), 500):
+            q = select(Request.request_id, Request.slice, Request.prompt).where(Request.request_id.in_(ids[i:i + 500]))
+            requests.update({rid: (sl, prompt) for rid, sl, prompt in s.execute(q)})
+    wanted = set(slices)
+    per_slice: dict[str, list[tuple[float, dict[str, Any]]]] = defaultdict(list)
+    stats: dict[str, Any] = {"rated": 0, "tied": 0, "capped": 0, "per_slice": {}}
+    for rid, ratings in by_request.items():
+        sl, prompt = requests.get(rid, ("", ""))
+        if sl not in wanted:
+            continue
+        stats["rated"] += 1
+        top = Counter(label for label, _ in ratings).most_common(2)
+        if len(top) > 1 and top[0][1] == top[1][1]:
+            stats["tied"] += 1
+            continue
+        per_slice[sl].append((max(c for _, c in ratings), {"request_id": rid, "slice": sl, "prompt": prompt,
+                                                           "label": top[0][0], "raters": len(ratings)}))
+    out = []
+    for sl, rows in sorted(per_slice.items()):
+        rows.sort(key=lambda x: x[0], reverse=True)
+        stats["capped"] += max(len(rows) - max_per_slice, 0)
+        kept = [r for _, r in rows[:max_per_slice]]
+        stats["per_slice"][sl] = len(kept)
+        out += sorted(kept, key=lambda r: r["request_id"])
+    return out, stats

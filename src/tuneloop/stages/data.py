@@ -74,10 +74,15 @@ def ingest_stage(cfg: RunConfig, parent_id: str, out: Path, name: str | None = N
         base = base_model_dir(cfg)
         tok = AutoTokenizer.from_pretrained(str(base))
         check_tokenizer(tok, AutoConfig.from_pretrained(str(base)), f"base_model {base}")
-        rows = FeedbackStore(cfg.feedback_db).rows() if cfg.data.use_feedback else []
+        store = FeedbackStore(cfg.feedback_db)
+        rows = store.rows() if cfg.data.use_feedback else []
+        audit, audit_stats = _audit_examples(cfg, store)
         champion = champion_training_data(reg, cfg.state_path / "champion-data") if cfg.data.replay_share > 0 \
             else None
-        report = ingest(cfg.data, ChatFormatter(tok, cfg.data.system_prompt), out, rows, champion, train=cfg.train)
+        report = ingest(cfg.data, ChatFormatter(tok, cfg.data.system_prompt), out, rows, champion, train=cfg.train,
+                        audit=audit)
+        report["audit"].update(audit_stats)
+        (out / "report.json").write_text(json.dumps(report, indent=2))
         log_data_lineage(reg, run_id, parent_id, report)
         for kind, ctx in (("sft", "training"), ("preference", "training"), ("eval", "evaluation")):
             reg.log_dataset(run_id, out / f"{kind}.jsonl", f"{cfg.name}-{kind}", report["file_sha256"][kind], ctx)
@@ -88,6 +93,18 @@ def ingest_stage(cfg: RunConfig, parent_id: str, out: Path, name: str | None = N
     return timed_stage(reg, parent_id, name or "ingest", run)
 
 
+def _audit_examples(cfg: RunConfig, store: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The human-rated audit sample of the classification slices (evaluate.audit), from the feedback store."""
+    from tuneloop.monitor.labels import QualityStore, audit_examples
+
+    slices = sorted(set(cfg.evaluate.audit_slices().values()))
+    if not slices:
+        return [], {"note": "evaluate.audit is off or no slice is a classification slice"}
+    QualityStore(store.engine)  # the tables exist before they are read
+    store.flush()
+    return audit_examples(store.engine, slices, cfg.evaluate.audit.max_records)
+
+
 def _ingest_note(r: dict[str, Any]) -> str:
     kinds = ", ".join(f"{k} {c.get('accepted', 0)}" for k, c in r["by_kind"].items())
     reasons = ", ".join(f"{k} {v}" for k, v in r.get("per_reason", {}).items())
@@ -96,6 +113,8 @@ def _ingest_note(r: dict[str, Any]) -> str:
              f"(data hash `{r['data_hash'][:12]}`)", "", f"- accepted per kind: {kinds}",
              f"- quarantined: {reasons or 'none'} (`dataset/quarantine.jsonl` says why, per record)",
              f"- from users' feedback: {fb.get('sft', 0)} SFT records, {fb.get('preference', 0)} preference pairs",
+             f"- audited production requests in the eval set: {r.get('audit', {}).get('accepted', 0)}"
+             + (f" ({r['audit']['tied']} left out: raters tied)" if r.get("audit", {}).get("tied") else ""),
              f"- replayed from the champion's data: {rp.get('accepted', 0)}"
              + (f" (champion v{rp['champion_version']})" if rp.get("champion_version") else ""),
              f"- PII replaced: {sum(pii.get('entities', {}).values())}"]
@@ -114,7 +133,8 @@ def log_data_lineage(reg: Registry, run_id: str, parent_id: str, report: dict[st
     reg.log_metrics(run_id, {"read": report["read"], "accepted": report["accepted"],
                              "quarantined": report["quarantined"],
                              "feedback_preference_pairs": report["feedback"]["preference"],
-                             "feedback_sft_records": report["feedback"]["sft"]})
+                             "feedback_sft_records": report["feedback"]["sft"],
+                             "audit_eval_records": report.get("audit", {}).get("accepted", 0)})
     for kind, c in report["by_kind"].items():
         reg.log_metrics(run_id, {f"{kind}.{k}": v for k, v in c.items() if isinstance(v, int)})
         reg.log_metrics(run_id, {_metric_key(f"{kind}.slice.{s}"): n for s, n in c["per_slice"].items()})

@@ -70,7 +70,10 @@ def repair_stage(cfg: RunConfig, parent_id: str, dataset: Path, candidate: Path,
         champ = reg.alias_version("champion")
         known = {s for s in (champ.tags.get(TAG_TRAINED_SLICES, "") if champ else "").split(",") if s}
         known |= set(metrics["champion"]) - {"all", SAFETY_SLICE, PREFERENCE_SLICE}
-        old = old_slices(known, report["by_kind"]["sft"]["per_slice"], cfg.train.repair.old_slice_max_share)
+        counts = report["by_kind"]["sft"]["per_slice"]
+        # an audit slice (rated production requests of slice X) is old exactly when X is
+        counts = {**counts, **{a: counts.get(x, 0) for a, x in cfg.evaluate.audit_slices().items()}}
+        old = old_slices(known, counts, cfg.train.repair.old_slice_max_share)
         attempt = pipeline_attempt(
             cfg, dataset, candidate, cfg.state_path / "repair" / parent_id,  # not in the task's output artifact
             ingest=lambda c, o, label: ingest_stage(c, parent_id, o, name=label),
