@@ -112,7 +112,8 @@ def opened_by() -> dict[str, str]:
 class Registry:
     """Thin wrapper over MlflowClient bound to one config's tracking URI and model name."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, name: str | None = None) -> None:
+        """`name`: the registered model this handle works on (default registry.model_name)."""
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -123,7 +124,7 @@ class Registry:
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         self.client = MlflowClient(self.uri, self.uri)
-        self.name = cfg.registry.model_name
+        self.name = name or cfg.registry.model_name
 
     # -- experiments and runs --
     def experiment_id(self) -> str:

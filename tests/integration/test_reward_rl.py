@@ -67,8 +67,10 @@ def test_reward_stage_trains_gates_and_registers(setup, rewarded) -> None:  # no
     print("reward held-out accuracy:", ev["accuracy"], {s: v for s, v in ev["slices"].items()})
     pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert sum(p.get("slice") == "safety" for p in pairs) == 24
-    rreg = Registry(setup["cfg"])
-    rreg.name = "tiny-model-reward"
+    from tuneloop.stages.train import reward_registry
+
+    rreg = reward_registry(setup["cfg"])
+    assert rreg.name == "tiny-model-reward"
     mv = rreg.alias_version("champion")
     assert mv is not None and str(mv.version) == rewarded["version"]
     assert mv.tags["tuneloop.data_hash"] == "d" * 64 and mv.tags["tuneloop.kind"] == "reward_model"

@@ -141,9 +141,7 @@ def reward_gate(cfg: RunConfig, ev: dict[str, Any]) -> list[str]:
 
 def reward_registry(cfg: RunConfig) -> Registry:
     """The registry handle of the reward models: registered model <registry.model_name>-reward."""
-    reg = Registry(cfg)
-    reg.name = f"{cfg.registry.model_name}-reward"
-    return reg
+    return Registry(cfg, name=f"{cfg.registry.model_name}-reward")
 
 
 def reward_stage(cfg: RunConfig, parent_id: str, dataset: Path, out: Path) -> dict[str, Any]:
