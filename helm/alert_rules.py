@@ -16,6 +16,9 @@ textfile gauges `tuneloop_monitor_*`):
   SPC         TuneloopFeedbackOutOfControl (window mean of the feedback score below the lower control limit)
   drift       TuneloopPromptDrift (embedding drift score or drifted share of descriptors over the config's limits)
   retraining  TuneloopRetrainDue (info)
+  monitor     TuneloopMonitorReportStale (no new report for REPORT_MAX_AGE_S), TuneloopMonitorReportRefused (the
+              newest monitor.prom failed validation: its gauges are not served); the feedback service and the
+              gateway serve the newest report on /metrics (tuneloop_monitor_report_age_seconds, ..._valid)
   request log TuneloopRequestLogRejected, ...Dropped (critical: rows lost), ...ScrubFailed, ...SpoolFailed,
               ...Backlog, TuneloopKServeHalvesLost
 
@@ -68,6 +71,7 @@ SIGMAS = 3.0
 FLOOR_SHARE = 0.25  # a tightened threshold stays at or above this share of the SLO
 P99_OVER_P95 = 2.0  # the p99's start: this times the p95 SLO (the config has no p99 SLO)
 BACKLOG_ROWS = 10_000  # request-log rows waiting to be written (the writer keeps up to 100,000)
+REPORT_MAX_AGE_S = 7200  # the newest monitor report older than this: the chart's 30-minute CronJob missed 3+ runs
 
 # the series a baseline is made of: name -> (PromQL of one day's value for the champion, ending at the query time)
 OBSERVED = {
@@ -227,6 +231,14 @@ def render_rules(monitor: Any, baselines: dict[str, Sequence[float]] | None = No
               "A quality SLO of monitor.slos is breached on delayed labels (the whole interval below its floor)."),
         alert("TuneloopRetrainDue", "tuneloop_monitor_retrain_due == 1", "info", "monitor",
               "a retraining is due", "tuneloop monitor fired a retraining signal; monitor.action decides what runs."),
+        alert("TuneloopMonitorReportStale", f"tuneloop_monitor_report_age_seconds > {REPORT_MAX_AGE_S}", "warning",
+              "monitor", "the monitor's newest report is {{ $value | humanizeDuration }} old",
+              f"tuneloop monitor wrote no report for over {_num(REPORT_MAX_AGE_S / 3600)} h: the tuneloop_monitor_* "
+              "gauges and their alerts describe the past. See the monitor CronJob's last runs."),
+        alert("TuneloopMonitorReportRefused", "tuneloop_monitor_report_valid == 0", "warning", "monitor",
+              "the monitor's newest report is not served",
+              "The newest monitor.prom failed validation (unparsable, incomplete, too large, or naming other "
+              "families); none of its gauges are served. The serving process's log says why."),
     ]
     return {"groups": [{"name": "tuneloop-serving", "rules": serving},
                        {"name": "tuneloop-request-log", "rules": request_log},

@@ -217,6 +217,9 @@ def test_grafana_dashboard_reads_the_gateway_metrics(rendered):
         for metric in ("accuracy", "macro_f1", "precision", "recall"):
             for part in ("", "_lower", "_upper"):
                 exposed.add("tuneloop_monitor_" + template.format(metric=metric, part=part))
+    # the canary analysis' looks (feedback/canary_looks.py), served by the feedback service and the gateway
+    looks = (ROOT / "src" / "tuneloop" / "feedback" / "canary_looks.py").read_text()
+    exposed |= set(re.findall(r'MetricFamily\(\s*"(tuneloop_[a-z_]+)"', looks))
     assert used and used <= exposed, used - exposed
     assert {"tuneloop_requests_total", "tuneloop_request_latency_seconds_bucket",
             "tuneloop_completion_tokens_total", "tuneloop_feedback_score_sum"} <= used

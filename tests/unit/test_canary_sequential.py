@@ -300,6 +300,69 @@ def test_local_analysis_runs_to_the_window_maximum_without_a_decision(tmp_path: 
     assert r["sequential"]["looks"] == 4 and r["replayed_requests"] == 40
 
 
+def _with_looks(fake: FakeTraffic, tmp_path: Path) -> Any:
+    """The fake store with a real database under it: the analysis writes its looks there."""
+    from tuneloop.feedback.canary_looks import CanaryLooks
+    from tuneloop.feedback.store import FeedbackStore
+
+    fake.engine = FeedbackStore(tmp_path / "looks.db").engine
+    return CanaryLooks(fake.engine)
+
+
+def test_every_look_is_recorded_for_metrics(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake = FakeTraffic(_row(0.25))
+    looks = _with_looks(fake, tmp_path)
+    _install(monkeypatch, fake)
+    r = canary.analyze_canary(cfg, 5.0)
+    s = r["sequential"]
+    rows = looks.looks(5.0)
+    assert [lk["look"] for lk in rows] == list(range(1, s["looks"] + 1))
+    assert [lk["decision"] for lk in rows] == [h["decision"] for h in s["history"]]
+    assert rows[-1]["decision"] == r["decision"] == "rollback" and looks.latest() == rows[-1]
+    for lk, h in zip(rows, s["history"]):
+        assert lk["requests"] == {"canary": h["canary"], "champion": h["champion"]}
+        assert lk["test"] == "sequential" and (lk["canary_version"], lk["champion_version"]) == ("7", "6")
+        for m in seq.METRICS:
+            assert lk["metrics"][m]["no_difference"]["e_value"] == pytest.approx(h[f"{m}.e_value_no_difference"])
+    last = rows[-1]["metrics"]
+    for m in seq.METRICS:
+        rec = s["metrics"][m]
+        assert last[m] == {"no_difference": {"e_value": pytest.approx(rec["e_value_no_difference"]),
+                                             "threshold": rec["rollback_at"]},
+                           "margin": {"e_value": pytest.approx(rec["e_value_margin"]), "threshold": rec["promote_at"]}}
+    assert last["error_rate"]["no_difference"]["e_value"] >= last["error_rate"]["no_difference"]["threshold"] == 60
+
+
+def test_the_fixed_test_records_its_one_look(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = load_config(tiny_config(tmp_path, Path("/nonexistent-model"), deploy__canary__test="fixed",
+                                deploy__canary__requests=40))
+    fake = FakeTraffic(_row(0.02))
+    looks = _with_looks(fake, tmp_path)
+    _install(monkeypatch, fake)
+    r = canary.analyze_canary(c, 5.0)
+    (look,) = looks.looks(5.0)
+    assert look["look"] == 1 and look["test"] == "fixed" and look["decision"] == r["decision"]
+    assert look["requests"] == {v: r["figures"][v]["requests"] for v in ("canary", "champion")}
+    assert look["metrics"] == {}
+
+
+def test_a_failed_look_write_costs_the_analysis_nothing(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tuneloop.feedback.canary_looks import CanaryLooks
+
+    fake = FakeTraffic(_row(0.25))
+    _with_looks(fake, tmp_path)
+    _install(monkeypatch, fake)
+
+    def refuse(self: Any, **kw: Any) -> None:
+        raise RuntimeError("database refused the look")
+
+    monkeypatch.setattr(CanaryLooks, "add", refuse)
+    with caplog.at_level(logging.WARNING, logger="tuneloop.canary"):
+        r = canary.analyze_canary(cfg, 5.0)
+    assert r["decision"] == "rollback" and "not recorded: database refused the look" in caplog.text
+
+
 def _kserve(cfg: RunConfig, **canary_kw: Any) -> RunConfig:
     dep = cfg.deploy.model_copy(update={"backend": "kserve",
                                         "canary": cfg.deploy.canary.model_copy(update=canary_kw)})

@@ -9,6 +9,10 @@ analyze_canary   canary vs champion on error rate, latency and feedback score. `
                  references stand in for users; on KServe the feedback store is polled
 promote          previous <- champion, champion <- canary, canary removed, gateway reloads
 rollback         canary removed (the version is tagged rolled_back), gateway reloads
+
+Every look of the analysis (each batch of the sequential test, the fixed test's one) is also a row of
+the feedback store's `canary_looks` table (feedback/canary_looks.py): the analyze task is too short-lived
+to be scraped, so the feedback service and the gateway serve the latest look on /metrics.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 import httpx
@@ -266,9 +271,11 @@ def _analyze_fixed(cfg: RunConfig, deployed_at: float, store: Any) -> dict[str, 
     else:  # live traffic, logged by KServe into the feedback service: wait for the window to fill
         time.sleep(max(0.0, _deadline(cfg, deployed_at, time.time()) - time.time()))
         sent = 0
-    result = compare(store.requests(since=deployed_at), cfg)
+    rows = store.requests(since=deployed_at)
+    result = compare(rows, cfg)
     result["replayed_requests"] = sent
     result["test"] = "fixed"
+    _record_look(_looks(store), deployed_at, 1, result, _versions(rows, cfg.deploy.canary.mode, {}))
     return result
 
 
@@ -282,6 +289,7 @@ def _analyze_sequential(cfg: RunConfig, deployed_at: float, store: Any) -> dict[
     batch = min(c.batch_requests, c.requests)
     history: list[dict[str, Any]] = []
     sent, looked_at = 0, 0
+    looks, versions = _looks(store), {"canary": "", "champion": ""}
     deadline = _deadline(cfg, deployed_at, time.time()) if cfg.deploy.backend != "local" else math.inf
     while True:
         if cfg.deploy.backend == "local":
@@ -304,12 +312,61 @@ def _analyze_sequential(cfg: RunConfig, deployed_at: float, store: Any) -> dict[
                            for m in seq.METRICS}})
         log.info("canary look %d: %d canary / %d champion requests, %s", len(history), s["requests"]["canary"],
                  s["requests"]["champion"], result["decision"])
+        versions = _versions(rows, c.mode, versions)
+        _record_look(looks, deployed_at, len(history), result, versions)
         if result["decision"] != "continue":
             break
     s.update(looks=len(history), stopped_early=not final, history=history)
     result["replayed_requests"] = sent
     result["test"] = "sequential"
     return result
+
+
+def _looks(store: Any) -> Any | None:
+    """The canary-looks table on the store's database (feedback/canary_looks.py), where the feedback
+    service and the gateway read the latest look for /metrics; None when the store has no database
+    (a test's stand-in) or the table cannot be made (said in the log: the analysis goes on without it)."""
+    engine = getattr(store, "engine", None)
+    if engine is None:
+        return None
+    from tuneloop.feedback.canary_looks import CanaryLooks
+
+    try:
+        return CanaryLooks(engine)
+    except Exception as e:  # noqa: BLE001 - the looks are for watching; the decision does not need them
+        log.warning("canary looks will not be recorded: %s", e)
+        return None
+
+
+def _versions(rows: list[dict[str, Any]], mode: str, known: dict[str, str]) -> dict[str, str]:
+    """The model version on each side of the window (the most frequent one), the last known where a
+    side has no requests yet."""
+    out = dict(known)
+    for side, variant in (("canary", mode), ("champion", "champion")):
+        seen = Counter(str(r.get("model_version") or "") for r in rows if r.get("variant") == variant)
+        seen.pop("", None)
+        if seen:
+            out[side] = seen.most_common(1)[0][0]
+    return out
+
+
+def _record_look(looks: Any | None, deployed_at: float, look: int, result: dict[str, Any],
+                 versions: dict[str, str]) -> None:
+    """Write one look (its decision, requests per side and, for the sequential test, each metric's
+    e-values with their thresholds); a failed write is logged and costs the analysis nothing."""
+    if looks is None:
+        return
+    seq = result.get("sequential")
+    metrics = {m: {"no_difference": {"e_value": r["e_value_no_difference"], "threshold": r["rollback_at"]},
+                   "margin": {"e_value": r["e_value_margin"], "threshold": r["promote_at"]}}
+               for m, r in (seq["metrics"] if seq else {}).items()}
+    requests = seq["requests"] if seq else {v: result["figures"][v]["requests"] for v in ("canary", "champion")}
+    try:
+        looks.add(deployed_at=deployed_at, look=look, decision=result["decision"],
+                  test="sequential" if seq else "fixed", requests=requests, metrics=metrics,
+                  canary_version=versions.get("canary", ""), champion_version=versions.get("champion", ""))
+    except Exception as e:  # noqa: BLE001 - the looks are for watching; the decision does not need them
+        log.warning("canary look %d not recorded: %s", look, e)
 
 
 def analyze_canary(cfg: RunConfig, deployed_at: float) -> dict[str, Any]:

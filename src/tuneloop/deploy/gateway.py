@@ -55,8 +55,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from tuneloop import tracing
 from tuneloop.config import RunConfig
 from tuneloop.feedback.auth import Guard
-from tuneloop.feedback.service import (RequestLogCollector, add_feedback_route, add_review_routes, content_text, error,
-                                       install_problem_handler, read_json, store_lifespan)
+from tuneloop.feedback.canary_looks import CanaryLookCollector, CanaryLooks
+from tuneloop.feedback.monitor_report import MonitorReportCollector
+from tuneloop.feedback.service import (RequestLogCollector, add_feedback_route,
+                                       add_review_routes, content_text, error, install_problem_handler, read_json,
+                                       store_lifespan)
 from tuneloop.feedback.store import FeedbackStore, check_request_fields
 from tuneloop.registry import RegistryUnavailable
 
@@ -157,6 +160,8 @@ class Gateway:
         for decision in ("promote", "rollback"):  # exported from the start, so the first one is an increase
             self.m_decisions.labels(decision)
         self.metrics.register(RequestLogCollector(self.store))
+        self.metrics.register(CanaryLookCollector(CanaryLooks(self.store.engine)))  # the analysis' latest look
+        self.metrics.register(MonitorReportCollector(cfg.state_path / "monitor"))  # `tuneloop monitor`'s gauges
 
     # -- models --
     def load_backend(self, version: str | None) -> Backend:

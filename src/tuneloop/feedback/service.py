@@ -24,12 +24,14 @@ import asyncio
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,6 +40,8 @@ from sqlalchemy.exc import OperationalError
 
 from tuneloop import tracing
 from tuneloop.feedback.auth import Guard, Problem
+from tuneloop.feedback.canary_looks import CanaryLookCollector, CanaryLooks
+from tuneloop.feedback.monitor_report import MONITOR_REPORTS_ENV, MonitorReportCollector
 from tuneloop.feedback.store import FeedbackExists, FeedbackStore, check_request_fields
 
 log = logging.getLogger("tuneloop.feedback")
@@ -296,13 +300,19 @@ def _warm_up(store: FeedbackStore) -> None:
 
 
 def create_feedback_service(store: FeedbackStore, guard: Guard, pending_max_bytes: int = 64 * 1024 * 1024,
-                            pending_max_age_s: float = 600.0) -> FastAPI:
+                            pending_max_age_s: float = 600.0, monitor_reports: str | Path | None = None) -> FastAPI:
+    """`monitor_reports`: `tuneloop monitor`'s output (its report folder or a monitor.prom) to serve on
+    /metrics; default $TUNELOOP_MONITOR_REPORTS, none when unset."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
     app = FastAPI(title="tuneloop feedback service", lifespan=store_lifespan(store))
     tracing.instrument_app(app, "tuneloop-feedback")
     metrics = CollectorRegistry()
     metrics.register(RequestLogCollector(store, halves=True))
+    metrics.register(CanaryLookCollector(CanaryLooks(store.engine)))
+    monitor_reports = monitor_reports or os.environ.get(MONITOR_REPORTS_ENV) or None
+    if monitor_reports:
+        metrics.register(MonitorReportCollector(monitor_reports))
     install_problem_handler(app, Counter("tuneloop_refused", "Requests refused before any work (401, 403, 413, "
                                          "429, ...)", ["status"], registry=metrics))
     sweep = {"last": 0.0, "running": False}
