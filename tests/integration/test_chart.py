@@ -425,19 +425,20 @@ def _peers(policy: dict) -> list[dict]:
     return [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
 
 
-def test_feedback_service_admits_only_the_serving_pods_and_the_ingress(rendered):
+def test_feedback_service_admits_only_the_serving_pods_the_ingress_and_prometheus(rendered):
     env, objs = rendered
     values = env_values(env)
     policies = {o["metadata"]["name"]: o for o in by_kind(objs, "NetworkPolicy")}
     feedback = policies["tuneloop-feedback"]
-    assert [p["port"] for r in feedback["spec"]["ingress"] for p in r["ports"]] == [8080]
+    assert {p["port"] for r in feedback["spec"]["ingress"] for p in r["ports"]} == {8080}
     serving_pods = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tuneloop"}},
                     "podSelector": {"matchLabels": {"app.kubernetes.io/name": "tuneloop",
                                                     "app.kubernetes.io/instance": "tuneloop",
                                                     "app.kubernetes.io/component": "serving"}}}
     ingress = values.get("networkPolicy", {}).get("ingressNamespace")
-    want = [serving_pods] + ([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ingress}}}]
-                             if ingress else [])
+    prometheus = values.get("networkPolicy", {}).get("prometheusNamespace")
+    want = [serving_pods] + [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}
+                             for ns in (ingress, prometheus) if ns]
     assert _peers(feedback) == want
     # the labels the platform puts on the predictor pods are the ones selected here
     from tuneloop.deploy import kserve
@@ -452,7 +453,7 @@ def test_feedback_service_admits_only_the_serving_pods_and_the_ingress(rendered)
         in _peers(serving)
 
 
-def test_istio_policy_tells_the_two_feedback_paths_apart(rendered_with_options):
+def test_istio_policy_tells_the_feedback_paths_apart(rendered_with_options):
     env, objs = rendered_with_options
     (policy,) = by_kind(objs, "AuthorizationPolicy")
     assert check_chart.validate_object(policy) == ("crd", None)
@@ -460,11 +461,14 @@ def test_istio_policy_tells_the_two_feedback_paths_apart(rendered_with_options):
     spec = policy["spec"]
     assert spec["action"] == "ALLOW"
     assert spec["selector"]["matchLabels"]["app.kubernetes.io/component"] == "feedback"
-    allowed = {(tuple(r["from"][0]["source"]["principals"]), tuple(r["to"][0]["operation"]["methods"]),
-                tuple(r["to"][0]["operation"]["paths"])) for r in spec["rules"]}
+    allowed = {(tuple(r["from"][0]["source"].get("principals") or r["from"][0]["source"]["namespaces"]),
+                tuple(r["to"][0]["operation"]["methods"]), tuple(r["to"][0]["operation"]["paths"]))
+               for r in spec["rules"]}
+    prometheus = env_values(env).get("networkPolicy", {}).get("prometheusNamespace")
     assert allowed == {
         (("cluster.local/ns/tuneloop/sa/tuneloop-serving",), ("POST",), ("/v1/kserve-events",)),
-        (("cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account",), ("POST",), ("/v1/feedback",))}
+        (("cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account",), ("POST",), ("/v1/feedback",)),
+        *([((prometheus,), ("GET",), ("/metrics",))] if prometheus else [])}
     # the chart's Jobs run without a sidecar, which would keep them from completing
     for o in by_kind(objs, "Job") + by_kind(objs, "CronJob"):
         meta = o["spec"].get("template", {}).get("metadata") or o["spec"]["jobTemplate"]["spec"]["template"]["metadata"]
