@@ -57,6 +57,19 @@ def monitor(config: ConfigArg = None, state_dir: StateDir = None, tracking_uri: 
         console.print(line, markup=False)
     console.print(f"retrain: {'DUE (' + ', '.join(r['reasons']) + ')' if r['retrain'] else 'not due'}; "
                   f"action: {r['action']}; report in {target}")
+    if r["retrain"]:
+        for line in _diagnosis_lines(r.get("diagnosis") or {}, target):
+            console.print(line, markup=False)
+
+
+def _diagnosis_lines(d: dict[str, Any], target: Path) -> list[str]:
+    """The likely causes of the decay, one line each (monitor/decay.py), and where the whole diagnosis is."""
+    if d.get("error"):
+        return [f"diagnosis: failed ({d['error']})"]
+    if not d.get("markdown"):
+        return []
+    lines = [f"likely cause {i}: {c['cause']}" for i, c in enumerate(d.get("causes") or [], 1)]
+    return (lines or ["likely causes: none found"]) + [f"diagnosis: {target / d['markdown']}"]
 
 
 def _quality_lines(q: dict[str, Any]) -> list[str]:

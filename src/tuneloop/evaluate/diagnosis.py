@@ -174,11 +174,11 @@ def composition(records: list[dict[str, Any]], cfg: EvaluateConfig | None = None
 
 
 # -- causes ----------------------------------------------------------------------------------------------------
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
-def _tvd(p: dict[str, int], q: dict[str, int]) -> float:
+def tvd(p: dict[str, int], q: dict[str, int]) -> float:
     tp, tq = sum(p.values()) or 1, sum(q.values()) or 1
     return 0.5 * sum(abs(p.get(k, 0) / tp - q.get(k, 0) / tq) for k in set(p) | set(q))
 
@@ -198,12 +198,12 @@ def likely_causes(regressed: list[dict[str, Any]], run: dict[str, Any], champion
         theirs = champ_sl.get(sl)
         size = max((abs(r["change"] or 0.0) for r in regressed if r["slice"] == sl), default=0.0)
         if mine["records"] == 0:
-            had = f" (the champion's training data had {theirs['records']}, {_pct(theirs['share'])})" if theirs else ""
+            had = f" (the champion's training data had {theirs['records']}, {pct(theirs['share'])})" if theirs else ""
             add(100 + size, f"slice {sl} had no training records in this run{had}",
                 slice=sl, run_records=0, champion_records=theirs["records"] if theirs else None)
         elif theirs and mine["share"] < 0.5 * theirs["share"]:
-            add(80 + size, f"slice {sl} fell from {_pct(theirs['share'])} of the training data ({theirs['records']} "
-                f"records) to {_pct(mine['share'])} ({mine['records']})", slice=sl, run_share=mine["share"],
+            add(80 + size, f"slice {sl} fell from {pct(theirs['share'])} of the training data ({theirs['records']} "
+                f"records) to {pct(mine['share'])} ({mine['records']})", slice=sl, run_share=mine["share"],
                 champion_share=theirs["share"])
     if reg_slices:
         rp = (ingest_report or {}).get("replay") or {}
@@ -213,43 +213,55 @@ def likely_causes(regressed: list[dict[str, Any]], run: dict[str, Any], champion
     for sl, v in run_sl.items():
         before = champ_sl.get(sl, {"share": 0.0})["share"]
         if v["share"] >= 0.6 and before < 0.2 and champion is not None:
-            add(50, f"slice {sl} made up {_pct(v['share'])} of this run's training data (the champion's: "
-                f"{_pct(before)}): the candidate specialised in it", slice=sl)
+            add(50, f"slice {sl} made up {pct(v['share'])} of this run's training data (the champion's: "
+                f"{pct(before)}): the candidate specialised in it", slice=sl)
     for sl, mix in run.get("labels", {}).items():
         old = (champion or {}).get("labels", {}).get(sl)
         if not old or sum(mix.values()) < 5 or sum(old.values()) < 5:
             continue
-        d = _tvd(mix, old)
+        d = tvd(mix, old)
         if d >= 0.25:
             a, b = max(old, key=old.get), max(mix, key=mix.get)
             sa, sb = old[a] / sum(old.values()), mix[b] / sum(mix.values())
-            text = (f"label mix of slice {sl} shifted from {a} ({_pct(sa)}) to {b} ({_pct(sb)})" if a != b else
-                    f"label {a} of slice {sl} went from {_pct(sa)} to {_pct(mix.get(a, 0) / sum(mix.values()))} of "
+            text = (f"label mix of slice {sl} shifted from {a} ({pct(sa)}) to {b} ({pct(sb)})" if a != b else
+                    f"label {a} of slice {sl} went from {pct(sa)} to {pct(mix.get(a, 0) / sum(mix.values()))} of "
                     "its records")
             add(40 + 40 * d, text, slice=sl, total_variation=d, champion=old, run=mix)
     fb = run["feedback"]
     if fb["records"] >= 5 and fb.get("top3_users_share") is not None and fb["top3_users_share"] >= 0.5:
         k = min(3, fb["users"] or 0)
-        add(45 + 20 * fb["top3_users_share"], f"{_pct(fb['top3_users_share'])} of feedback came from {k} users "
+        add(45 + 20 * fb["top3_users_share"], f"{pct(fb['top3_users_share'])} of feedback came from {k} users "
             f"(of {fb['users']})", feedback=fb)
     cfb = (champion or {}).get("feedback", {}).get("share", 0.0)
     if fb["share"] >= 0.3 and fb["share"] >= 2 * cfb:
-        add(30 + 20 * fb["share"], f"{_pct(fb['share'])} of this run's training data came from user feedback (the "
-            f"champion's: {_pct(cfb)})", feedback_share=fb["share"], champion_feedback_share=cfb)
+        add(30 + 20 * fb["share"], f"{pct(fb['share'])} of this run's training data came from user feedback (the "
+            f"champion's: {pct(cfb)})", feedback_share=fb["share"], champion_feedback_share=cfb)
     if champion is not None and champion["lengths"]["answer_words_mean"] > 0:
         ratio = run["lengths"]["answer_words_mean"] / champion["lengths"]["answer_words_mean"]
         if ratio >= 1.5 or ratio <= 1 / 1.5:
             add(25, f"answers are {ratio:.1f}x as long as in the champion's training data "
                 f"({run['lengths']['answer_words_mean']:.1f} vs {champion['lengths']['answer_words_mean']:.1f} words)",
                 ratio=ratio)
-    if drift and drift.get("computed"):
-        drifted = [k for k, v in (drift.get("descriptors") or {}).items() if v.get("drifted")]
-        emb = drift.get("embedding_drift_score")
-        if drifted or (emb is not None and emb >= 0.7):
-            add(20 + 5 * len(drifted), f"the new training prompts drifted from the champion's: {len(drifted)} of "
-                f"{len(drift.get('descriptors') or {})} text descriptors ({', '.join(drifted) or '-'})"
-                + (f", embedding drift score {emb:.2f}" if emb is not None else ""), drifted=drifted, embedding=emb)
+    dc = drift_cause(drift, "the new training prompts drifted from the champion's")
+    if dc is not None:
+        causes.append(dc)
     return sorted(causes, key=lambda c: -c["score"])
+
+
+def drift_cause(drift: dict[str, Any] | None, subject: str) -> dict[str, Any] | None:
+    """A drift summary (data/drift.py) as a cause when a descriptor drifted or the embedding drift score is
+    at least 0.7: score 20 + 5 per drifted descriptor."""
+    if not drift or not drift.get("computed"):
+        return None
+    drifted = [k for k, v in (drift.get("descriptors") or {}).items() if v.get("drifted")]
+    emb = drift.get("embedding_drift_score")
+    if not drifted and (emb is None or emb < 0.7):
+        return None
+    return {"score": round(20 + 5 * len(drifted), 3),
+            "cause": f"{subject}: {len(drifted)} of {len(drift.get('descriptors') or {})} text descriptors "
+                     f"({', '.join(drifted) or '-'})"
+                     + (f", embedding drift score {emb:.2f}" if emb is not None else ""),
+            "evidence": {"drifted": drifted, "embedding": emb}}
 
 
 # -- token attributions (Captum) ---------------------------------------------------------------------------------
@@ -347,15 +359,24 @@ def diagnose(evaluation: Path, dataset: Path | None = None, champion_data: Path 
             "causes": causes, "attributions": attr, "repair": repair, "notes": notes}
 
 
-def _f(x: Any, spec: str = ".4f") -> str:
+def num(x: Any, spec: str = ".4f") -> str:
     return "-" if x is None else format(x, spec) if isinstance(x, (int, float)) else str(x)
 
 
-def _cut(s: Any, n: int = 80) -> str:
+def cut(s: Any, n: int = 80) -> str:
     if s is None or not str(s).strip():
         return "(empty)"
     s = " ".join(str(s).split()).replace("|", "\\|")
     return s if len(s) <= n else s[:n - 1] + "…"
+
+
+def drift_line(dr: dict[str, Any]) -> str:
+    """A drift summary in one line: the descriptors that drifted and the embedding drift score, or why none."""
+    if not dr.get("computed"):
+        return str(dr.get("note", "not computed"))
+    drifted = [k for k, v in (dr.get("descriptors") or {}).items() if v.get("drifted")]
+    return (f"{len(drifted)} of {len(dr.get('descriptors') or {})} descriptors drifted ({', '.join(drifted) or '-'}); "
+            f"embedding drift score {num(dr.get('embedding_drift_score'), '.3f')}")
 
 
 def to_markdown(d: dict[str, Any]) -> str:
@@ -367,8 +388,8 @@ def to_markdown(d: dict[str, Any]) -> str:
                   "verdict |", "|---|---|---|---|---|---|---|"]
         for r in d["regressions"]:
             ci = f"[{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]" if r.get("ci") else "-"
-            lines.append(f"| {r['slice']} | {r['metric']} | {_f(r['candidate'])} | {_f(r['reference'])} | "
-                         f"{_f(r['change'], '+.4f')} | {ci} | {r.get('verdict') or r.get('kind')} |")
+            lines.append(f"| {r['slice']} | {r['metric']} | {num(r['candidate'])} | {num(r['reference'])} | "
+                         f"{num(r['change'], '+.4f')} | {ci} | {r.get('verdict') or r.get('kind')} |")
         lines.append("")
     else:
         lines += ["No gate rule failed.", ""]
@@ -383,14 +404,14 @@ def to_markdown(d: dict[str, Any]) -> str:
               for sl, c in sorted(fl["counts"].items())]
     if fl["right_to_wrong"]:
         lines += ["", "| id | slice | prompt | reference | before | after |", "|---|---|---|---|---|---|"]
-        lines += [f"| {f['id']} | {f['slice']} | {_cut(f['prompt'])} | {_cut(f['reference'], 30)} | "
-                  f"{_cut(f['before'], 30)} | {_cut(f['after'], 30)} |" for f in fl["right_to_wrong"]]
+        lines += [f"| {f['id']} | {f['slice']} | {cut(f['prompt'])} | {cut(f['reference'], 30)} | "
+                  f"{cut(f['before'], 30)} | {cut(f['after'], 30)} |" for f in fl["right_to_wrong"]]
     for sl, rows in fl.get("nll_increase", {}).items():
         lines += ["", f"Largest answer-NLL increases on `{sl}` (per token):", "",
                   "| id | prompt | reference | NLL before | NLL after | before | after |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {x['id']} | {_cut(x['prompt'], 60)} | {_cut(x['reference'], 30)} | {x['nll_before']:.3f} | "
-                  f"{x['nll_after']:.3f} | {_cut(x['before'], 25)} | {_cut(x['after'], 25)} |" for x in rows]
+        lines += [f"| {x['id']} | {cut(x['prompt'], 60)} | {cut(x['reference'], 30)} | {x['nll_before']:.3f} | "
+                  f"{x['nll_after']:.3f} | {cut(x['before'], 25)} | {cut(x['after'], 25)} |" for x in rows]
     lines.append("")
     comp = d["composition"]
     run, champ = comp["run"], comp.get("champion")
@@ -400,14 +421,14 @@ def to_markdown(d: dict[str, Any]) -> str:
     for sl in slices:
         a = run["per_slice"].get(sl)
         b = (champ or {}).get("per_slice", {}).get(sl)
-        lines.append(f"| slice {sl} | {a['records'] if a else 0} ({_pct(a['share']) if a else '0%'}) | "
-                     + (f"{b['records']} ({_pct(b['share'])})" if b else ("0" if champ else "-")) + " |")
+        lines.append(f"| slice {sl} | {a['records'] if a else 0} ({pct(a['share']) if a else '0%'}) | "
+                     + (f"{b['records']} ({pct(b['share'])})" if b else ("0" if champ else "-")) + " |")
     for k in ("prompt_words_mean", "answer_words_mean"):
         lines.append(f"| {k.replace('_', ' ')} | {run['lengths'][k]:.1f} | "
-                     f"{_f(champ['lengths'][k], '.1f') if champ else '-'} |")
+                     f"{num(champ['lengths'][k], '.1f') if champ else '-'} |")
     fb, cfb = run["feedback"], (champ or {}).get("feedback")
-    lines.append(f"| from feedback | {fb['records']} ({_pct(fb['share'])}), users: {_f(fb['users'], 'd')} | "
-                 + (f"{cfb['records']} ({_pct(cfb['share'])})" if cfb else "-") + " |")
+    lines.append(f"| from feedback | {fb['records']} ({pct(fb['share'])}), users: {num(fb['users'], 'd')} | "
+                 + (f"{cfb['records']} ({pct(cfb['share'])})" if cfb else "-") + " |")
     lines.append(f"| sources | {', '.join(f'{k} {v}' for k, v in run['per_source'].items()) or '-'} | "
                  + (", ".join(f"{k} {v}" for k, v in champ["per_source"].items()) if champ else "-") + " |")
     for sl in sorted(set(run["labels"]) | set((champ or {}).get("labels", {}))):
@@ -417,20 +438,12 @@ def to_markdown(d: dict[str, Any]) -> str:
     lines.append("")
     dr = d.get("drift")
     if dr:
-        lines += ["## Drift against the champion's training data", ""]
-        if dr.get("computed"):
-            drifted = [k for k, v in (dr.get("descriptors") or {}).items() if v.get("drifted")]
-            lines.append(f"{len(drifted)} of {len(dr.get('descriptors') or {})} descriptors drifted "
-                         f"({', '.join(drifted) or '-'}); embedding drift score "
-                         f"{_f(dr.get('embedding_drift_score'), '.3f')}")
-        else:
-            lines.append(str(dr.get("note", "not computed")))
-        lines.append("")
+        lines += ["## Drift against the champion's training data", "", drift_line(dr), ""]
     at = d["attributions"]
     lines += ["## Token attributions of flipped answers", ""]
     for rec in at.get("records", []):
-        toks = ", ".join(f"`{_cut(t['token'], 20).strip()}` {t['attribution']:+.3f}" for t in rec["top_tokens"])
-        lines.append(f"- {rec['id']} ({rec['slice']}), {rec['explains']} `{_cut(rec['target'], 30)}`: {toks}")
+        toks = ", ".join(f"`{cut(t['token'], 20).strip()}` {t['attribution']:+.3f}" for t in rec["top_tokens"])
+        lines.append(f"- {rec['id']} ({rec['slice']}), {rec['explains']} `{cut(rec['target'], 30)}`: {toks}")
     if at.get("note"):
         lines.append(f"- {at['note']}")
     lines.append("")

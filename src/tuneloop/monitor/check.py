@@ -13,8 +13,11 @@ Checks over the last `monitor.window_hours`:
                    combined with the estimate by prediction-powered inference (monitor/quality.py)
 Results go to out/monitor.json, out/monitor.prom (Prometheus textfile format) and an MLflow
 run. The report carries the decision (`retrain`, with the signals in `retrain_on` that fired);
-acting on it (report, run here, submit to KFP: `monitor.action`) is the caller's job - the CLI's,
-or a scheduler's - never this module's.
+when a signal fired (or a serving SLO is breached), out/diagnosis.md and .json say why
+(monitor/decay.py: what decayed, wrong answers, traffic against the champion's training data,
+likely causes), the report's `diagnosis` holds the top causes and the MLflow run's description
+the Markdown. Acting on it (report, run here, submit to KFP: `monitor.action`) is the caller's
+job - the CLI's, or a scheduler's - never this module's.
 """
 
 from __future__ import annotations
@@ -85,9 +88,25 @@ def check(cfg: RunConfig, out: Path, now: float | None = None) -> dict[str, Any]
     report["retrain"] = any(signals[s] for s in m.retrain_on)
     report["reasons"] = [s for s in m.retrain_on if signals[s]]
     report["slo_breach"] = not (report["slo"]["error_rate_ok"] and report["slo"]["latency_ok"])
+    if report["retrain"] or any(signals.values()) or report["slo_breach"]:
+        report["diagnosis"] = _diagnosis(cfg, store, version, since, report,
+                                         {r["request_id"]: r["score"] for r in window}, data.sft if data else None, out)
     (out / "monitor.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "monitor.prom").write_text(prometheus_text(report))
     return report
+
+
+def _diagnosis(cfg: RunConfig, store: Any, version: str, since: float, report: dict[str, Any],
+               scores: dict[str, float | None], champion_sft: Path | None, out: Path) -> dict[str, Any]:
+    """out/diagnosis.md and .json for a check that flagged something (monitor/decay.py): the report's
+    `diagnosis` section. Never raises: the check's verdict stands without its diagnosis, which then says why."""
+    from tuneloop.monitor.decay import write_decay_diagnosis
+
+    try:
+        return write_decay_diagnosis(cfg, store, version, since, report, scores, champion_sft, out)
+    except Exception as e:  # noqa: BLE001 - a diagnosis must not take the monitor down
+        log.exception("monitor: the decay diagnosis failed")
+        return {"causes": [], "markdown": None, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
 
 
 def _window_prompts(store: Any, since: float, out: Path) -> Path:
@@ -179,18 +198,38 @@ def quality_prometheus(report: dict[str, Any]) -> str:
 
 def record(cfg: RunConfig, report: dict[str, Any], out: Path) -> str:
     """The check as an MLflow run (metrics, the report folder as artifacts); returns its id."""
-    from tuneloop.registry import Registry
+    from tuneloop.registry import NOTE, Registry
 
+    tags = {"tuneloop.stage": "monitor", "tuneloop.champion": report["champion"],
+            "tuneloop.retrain": str(report["retrain"]).lower()}
+    note = _description(report, out)
+    if note:
+        tags[NOTE] = note
     return Registry(cfg).record_run(
         f"monitor-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={"tuneloop.stage": "monitor", "tuneloop.champion": report["champion"],
-              "tuneloop.retrain": str(report["retrain"]).lower()},
+        tags=tags,
         metrics={"window_requests": report["window_requests"], "error_rate": report["slo"]["error_rate"],
                  "feedback_since_champion": report["feedback_volume"]["since_champion"],
                  "retrain_due": float(report["retrain"]), "slo_breach": float(report["slo_breach"]),
                  **{k: v for k, v in report["feedback_trend"].items() if isinstance(v, float)},
                  **_quality_metrics(report)},
         artifacts=out, artifact_path="monitor")
+
+
+def _description(report: dict[str, Any], out: Path, limit: int = 8000) -> str | None:
+    """The run's description (mlflow.note.content): the decision, then the diagnosis Markdown when there is one
+    (cut at MLflow's tag limit; the whole of it is the artifact monitor/diagnosis.md)."""
+    diag = report.get("diagnosis") or {}
+    md = out / diag["markdown"] if diag.get("markdown") else None
+    if md is None or not md.exists():
+        if diag.get("error"):
+            return f"**monitor**: the decay diagnosis failed: {diag['error']}"
+        return None
+    decision = f"due ({', '.join(report['reasons'])})" if report["retrain"] else "not due"
+    head = f"**monitor**: retraining {decision}; the diagnosis below is the artifact `monitor/{diag['markdown']}`.\n\n"
+    text = head + md.read_text()
+    tail = "\n\n... (cut; the whole diagnosis is in the artifact)"
+    return text if len(text) <= limit else text[:limit - len(tail)] + tail
 
 
 def _quality_metrics(report: dict[str, Any]) -> dict[str, float]:

@@ -130,7 +130,10 @@ def trainer_arguments(spec: JobSpec) -> dict[str, Any]:
         rl = t.rl
         del args["max_length"]
         args.update(num_generations=rl.num_generations, max_completion_length=rl.max_completion_length,
-                    beta=rl.beta, temperature=rl.temperature, use_vllm=use_vllm(spec), log_completions=False)
+                    beta=rl.beta, temperature=rl.temperature, use_vllm=use_vllm(spec), log_completions=False,
+                    # TRL counts an RL step's prompt and completion tokens itself; a batch of prompts has no
+                    # input_ids for transformers to count (it warned at every step)
+                    include_num_input_tokens_seen="no")
         if args["use_vllm"]:
             args.update(vllm_mode="colocate")
     ds = deepspeed_config(spec)
