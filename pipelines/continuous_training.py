@@ -14,8 +14,8 @@ with dsl.OneOf compiles, but kfp.local cannot select an artifact from a OneOf, a
 The same pipeline runs on Kubeflow Pipelines (compiled YAML next to this file) and on one
 machine with kfp.local (`tuneloop run`). The run config travels as one `config` parameter
 and is validated again by every task. Cluster settings (resources, GPUs, tolerations, node
-selectors, retries, timeouts) come from the config's `platform` section, the state volume and the
-Secrets exposed as env from its `kubernetes` section, at compile time: `build_pipeline(platform,
+selectors, retries, timeouts) come from the config's `platform` section, the state volume, the
+Secrets exposed as env and the plain env (OTEL_*) from its `kubernetes` section, at compile time: `build_pipeline(platform,
 kubernetes)`; kfp.local ignores them.
 """
 
@@ -44,6 +44,8 @@ def _place(task: dsl.PipelineTask, res: PodResources, platform: PlatformConfig, 
         kubernetes.mount_pvc(task, pvc_name=k8s.state_pvc, mount_path=state_dir)
     for s in k8s.secrets:
         kubernetes.use_secret_as_env(task, s.secret, {s.key: s.name})
+    for name, value in k8s.env.items():
+        task.set_env_variable(name, value)
     kubernetes.set_timeout(task, timeout_s)
     if retries and platform.retries:
         task.set_retry(num_retries=platform.retries, backoff_duration=f"{platform.retry_backoff_s}s",

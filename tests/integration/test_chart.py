@@ -822,3 +822,25 @@ def test_alerts_groups_replace_the_bundled_rules():
     values = with_changes(env_values("prod"), {"alerts": {"enabled": True, "groups": groups}})
     (rule,) = by_kind(render(values), "PrometheusRule")
     assert rule["spec"]["groups"] == groups and check_chart.validate_object(rule) == ("crd", None)
+
+
+def test_tracing_reaches_the_pipeline_tasks_and_training_pods(rendered_with_options, tmp_path):
+    """With tracing on, the pods the chart does not create - KFP's task pods and the training pods - get the
+    same OTEL_* variables as the chart's own workloads, through the run config's kubernetes.env."""
+    from tuneloop.orchestrate import compile_pipeline
+    from tuneloop.train.k8s import container_env
+
+    env, objs = rendered_with_options
+    cfg = _release_config(objs, tmp_path)
+    want = {"OTEL_EXPORTER_OTLP_ENDPOINT": check_chart.OPTIONS["tracing"]["otlpEndpoint"],
+            "OTEL_SERVICE_NAME": "tuneloop-pipeline", "OTEL_TRACES_SAMPLER_ARG": "0.25"}
+    assert want.items() <= cfg.kubernetes.env.items()
+    feedback = {e["name"]: e.get("value") for e in _container(objs, "-feedback")["env"]}
+    assert feedback["OTEL_EXPORTER_OTLP_ENDPOINT"] == want["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    out = compile_pipeline(tmp_path / "pipeline.yaml", cfg)
+    docs = list(yaml.safe_load_all(out.read_text()))
+    for name, ex in docs[0]["deploymentSpec"]["executors"].items():
+        task_env = {e["name"]: e["value"] for e in ex["container"].get("env", [])}
+        assert want.items() <= task_env.items(), name
+    pod_env = {e["name"]: e.get("value") for e in container_env(cfg)}
+    assert want.items() <= pod_env.items()

@@ -189,6 +189,13 @@ The run config as stored in the ConfigMap, wired to this release where runConfig
 {{- end -}}
 {{- end -}}
 {{- $_ := set $k8s "secrets" $secrets -}}
+{{- if $v.tracing.enabled -}}
+{{- /* the pipeline's task pods and training pods (created by KFP and by the platform, not by this chart) */ -}}
+{{- $otel := include "tuneloop.otelEnv" (dict "ctx" . "component" "pipeline") | fromYamlArray -}}
+{{- $env := default dict (get $k8s "env") -}}
+{{- range $otel }}{{- if not (hasKey $env .name) }}{{- $_ := set $env .name .value -}}{{- end }}{{- end -}}
+{{- $_ := set $k8s "env" $env -}}
+{{- end -}}
 {{- if not (hasKey $k8s "pod_labels") -}}
 {{- $_ := set $k8s "pod_labels" (include "tuneloop.selectorLabels" . | fromYaml) -}}
 {{- end -}}

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from tuneloop.config.base import _Strict
+from tuneloop.config.secrets import SECRET_NAME
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -117,6 +118,11 @@ class KubernetesConfig(_Strict):
         default_factory=list, description="Secrets exposed as environment variables in every pipeline task and "
                                           "training pod (MLflow and S3 credentials, the feedback database URL); the "
                                           "values never enter the config, the compiled YAML or the job objects.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Plain environment variables of every pipeline task and training pod, e.g. "
+                                          "the OTEL_* variables that point them at a trace collector (the chart fills "
+                                          "them from `tracing`). Secret values are refused here: list them in "
+                                          "`secrets`.")
     service_account: str | None = Field(
         None, description="ServiceAccount the pipeline's task pods run as (the chart sets its own, the only one "
                           "bound to the Role that launches training jobs); null: Kubeflow Pipelines' default.")
@@ -124,6 +130,15 @@ class KubernetesConfig(_Strict):
         default_factory=lambda: {"app.kubernetes.io/part-of": "tuneloop"},
         description="Labels on every pod the platform creates (training pods, the KServe predictor), so the "
                     "release's NetworkPolicies select them; the chart sets its selector labels here.")
+
+    @field_validator("env")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if SECRET_NAME.search(name):
+                raise ValueError(f"{name}: looks like a secret; put it in a Kubernetes Secret and list it in "
+                                 "`kubernetes.secrets` (name, secret, key)")
+        return v
 
     @field_validator("namespace")
     @classmethod

@@ -40,7 +40,7 @@ def job_labels(stage: str, pipeline_run: str) -> dict[str, str]:
 def container_env(cfg: RunConfig) -> list[dict[str, Any]]:
     c = cfg.train.cluster
     env = {**DEFAULTS, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "TORCH_EXTENSIONS_DIR": str(cfg.state_path / "torch_extensions"), **c.env}
+           "TORCH_EXTENSIONS_DIR": str(cfg.state_path / "torch_extensions"), **cfg.kubernetes.env, **c.env}
     if c.gpus_per_node(cfg.train.nproc_per_node) == 0:
         env["DS_ACCELERATOR"] = "cpu"
     out: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in env.items()]
