@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import gc
 import os
 import statistics
 import subprocess
@@ -69,6 +70,7 @@ def operate(config: str, url: str) -> None:
     cfg = load_config(config)
     reg = Registry(cfg)
     headers = client_headers(cfg.state_path)  # the gateway's own token (it made it at start)
+    gc.freeze()  # its libraries' objects: no full collection of them (~0.15 s of CPU each) during the load
     print("ready", flush=True)
     for line in sys.stdin:
         for op in line.strip().split(";"):
@@ -208,14 +210,21 @@ async def load(url: str, rate: float, seconds: float, events: list[tuple[float, 
     tasks = []
     pending = sorted(events, key=lambda e: e[0])
     loop = asyncio.get_running_loop()
-    start = time.perf_counter()
-    for i in range(n):  # open loop: request i goes out at start + i/rate, whatever the answers do
-        while pending and time.perf_counter() - start >= pending[0][0]:
-            tasks.append(loop.run_in_executor(None, pending.pop(0)[1]))
-        delay = start + i / rate - time.perf_counter()
-        await asyncio.sleep(max(delay, 0))
-        tasks.append(asyncio.create_task(one(raws[i])))
-    await asyncio.gather(*tasks)
+    # No garbage collection in the generator while it measures: a full collection of this process's heap (MLflow,
+    # the registry: ~0.15-0.2 s here) stalled every request in flight and landed in whichever server's run was on.
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        for i in range(n):  # open loop: request i goes out at start + i/rate, whatever the answers do
+            while pending and time.perf_counter() - start >= pending[0][0]:
+                tasks.append(loop.run_in_executor(None, pending.pop(0)[1]))
+            delay = start + i / rate - time.perf_counter()
+            await asyncio.sleep(max(delay, 0))
+            tasks.append(asyncio.create_task(one(raws[i])))
+        await asyncio.gather(*tasks)
+    finally:
+        gc.enable()
     for c in free:
         c.writer.close()
     return lat, failed
@@ -264,7 +273,8 @@ def main() -> None:
     if unknown or not variants or len(set(variants)) != len(variants) or args.repeats < 1:
         ap.error(f"--variant: distinct names from {', '.join(VARIANTS)} (got {args.variant!r}); --repeats >= 1")
     root = Path(tempfile.mkdtemp(prefix="tuneloop-gwbench-"))
-    config = tiny_run_config(root, root / "unused-model", **({"data__pii__enabled": False} if os.environ.get("BENCH_NO_PII") else {}))
+    no_pii = {"data__pii__enabled": False} if os.environ.get("BENCH_NO_PII") else {}
+    config = tiny_run_config(root, root / "unused-model", **no_pii)
     plain_config = root / "config-plain.yaml"  # the same state, authentication off
     raw = yaml.safe_load(config.read_text())
     raw["deploy"].setdefault("auth", {})["enabled"] = False
