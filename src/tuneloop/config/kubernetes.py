@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from tuneloop.config.base import _Strict
-from tuneloop.config.secrets import SECRET_NAME
+from tuneloop.config.secrets import plain_env
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -134,11 +134,7 @@ class KubernetesConfig(_Strict):
     @field_validator("env")
     @classmethod
     def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
-        for name in v:
-            if SECRET_NAME.search(name):
-                raise ValueError(f"{name}: looks like a secret; put it in a Kubernetes Secret and list it in "
-                                 "`kubernetes.secrets` (name, secret, key)")
-        return v
+        return plain_env(v)
 
     @field_validator("namespace")
     @classmethod

@@ -44,3 +44,12 @@ def credential_findings(node: Any, path: str = "", named: bool = False) -> list[
             out.append(f"{path}: the URI carries a token or signature in its query; give it through the "
                        "environment instead")
     return out
+
+
+def plain_env(env: dict[str, str]) -> dict[str, str]:
+    """An `env` mapping of a config section, refused when a name looks like a secret's (validator body)."""
+    for name in env:
+        if SECRET_NAME.search(name):
+            raise ValueError(f"{name}: looks like a secret; put it in a Kubernetes Secret and list it in "
+                             "`kubernetes.secrets` (name, secret, key)")
+    return env

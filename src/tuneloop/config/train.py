@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from tuneloop.config.align import RewardConfig, RLConfig
 from tuneloop.config.base import _Strict
 from tuneloop.config.kubernetes import SecretEnv, TrainPodResources
-from tuneloop.config.secrets import SECRET_NAME
+from tuneloop.config.secrets import plain_env
 
 class BaseModelConfig(_Strict):
     path: str = Field(description="Base model: a local save_pretrained folder, a hub id, or pkg://<python package> "
@@ -116,11 +116,7 @@ class ClusterConfig(_Strict):
     @field_validator("env")
     @classmethod
     def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
-        for name in v:
-            if SECRET_NAME.search(name):
-                raise ValueError(f"{name}: looks like a secret; put it in a Kubernetes Secret and list it in "
-                                 "`kubernetes.secrets` (name, secret, key)")
-        return v
+        return plain_env(v)
 
     def gpus_per_node(self, nproc_per_node: int) -> int:
         """GPUs each training pod asks for (0: CPU pods)."""
