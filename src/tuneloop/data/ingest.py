@@ -457,12 +457,13 @@ def _classification(rec: dict[str, Any], src: DataSource, limit: int, clean: Cal
 
 def ingest(cfg: DataConfig, formatter: ChatFormatter | None, out: Path,
            feedback_rows: list[dict[str, Any]] | None = None, champion: Any = None,
-           train: TrainConfig | None = None, audit: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+           train: TrainConfig | None = None, audit: list[dict[str, Any]] | None = None,
+           audit_stats: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run ingest into `out`; returns the report (also written to out/report.json).
 
     `audit` (monitor.labels.audit_examples): rated production requests, added to the eval set as slice
     `<slice>-audit` after data.eval's records (checked like them: a training record with the same prompt is then
-    an eval leak).
+    an eval leak); `audit_stats` (how they were read: rated, tied, ...) joins the report's `audit`.
 
     `champion` (replay.ChampionData or None) is the replay pool for `cfg.replay_share`. `train` (the run's
     training section) gives the token limits of `cfg.long_records` (train.sft.max_length for SFT records,
@@ -472,7 +473,7 @@ def ingest(cfg: DataConfig, formatter: ChatFormatter | None, out: Path,
     # Eval first: its prompts are what training data must not leak.
     ing.add_all("eval", [s for s in cfg.eval if s.kind != "preference"], writers["eval"])
     ing.add_all("eval_preference", [s for s in cfg.eval if s.kind == "preference"], writers["eval_preference"])
-    audit_counts = _audit(ing, audit or [], writers["eval"])
+    audit_counts = {**_audit(ing, audit or [], writers["eval"]), **(audit_stats or {})}
     ing.add_all("sft", [s for s in cfg.sources if s.kind != "preference"], writers["sft"])
     ing.add_all("preference", [s for s in cfg.sources if s.kind == "preference"], writers["preference"])
     fb_counts = {"rows": 0, "sft": 0, "preference": 0, "no_pair_empty_output": 0, "corrections_trusted": 0,

@@ -482,19 +482,9 @@ def decay_markdown(d: dict[str, Any]) -> str:
 # -- reading, for monitor.check -----------------------------------------------------------------------------------
 def window_rows(store: Any, since: float, version: str, limit: int = MAX_WINDOW_ROWS) -> list[dict[str, Any]]:
     """The champion's requests since `since` (any status; at most `limit`, the newest), oldest first."""
-    from sqlalchemy import select
-    from sqlalchemy.orm import Session
+    from tuneloop.monitor.quality import window_requests
 
-    from tuneloop.feedback.store import Request
-
-    store.flush()
-    q = (select(Request).where(Request.created >= since, Request.variant == "champion",
-                               Request.model_version == version).order_by(Request.created.desc()).limit(limit))
-    with Session(store.engine) as s:
-        rows = [{"request_id": r.request_id, "created": r.created, "user_id": r.user_id, "slice": r.slice,
-                 "prompt": r.prompt, "output": r.output, "status": r.status, "latency_ms": r.latency_ms}
-                for r in s.scalars(q)]
-    return rows[::-1]
+    return window_requests(store, since, None, version, answered_only=False, limit=limit)
 
 
 def attach_truth(store: Any, rows: list[dict[str, Any]], labels: dict[str, list[str]], since: float) -> None:

@@ -40,20 +40,29 @@ from tuneloop.monitor.realized import check_slos, realized, truths
 log = logging.getLogger("tuneloop.monitor")
 
 
-def window_requests(store: Any, since: float, now: float, version: str, slices: list[str]) -> list[dict[str, Any]]:
-    """The champion's answered requests of these slices in [since, now], oldest first."""
+def window_requests(store: Any, since: float, now: float | None, version: str, slices: list[str] | None = None,
+                    answered_only: bool = True, limit: int | None = None) -> list[dict[str, Any]]:
+    """The champion's requests in [since, now] (now None: to the present), oldest first: of these slices (None:
+    all), answered ones only unless `answered_only` is false; with `limit`, the newest `limit` of them."""
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
     from tuneloop.feedback.store import Request
 
     store.flush()
-    q = (select(Request).where(Request.created >= since, Request.created <= now, Request.variant == "champion",
-                               Request.model_version == version, Request.status == "ok", Request.slice.in_(slices))
-         .order_by(Request.created))
+    q = select(Request).where(Request.created >= since, Request.variant == "champion", Request.model_version == version)
+    if now is not None:
+        q = q.where(Request.created <= now)
+    if answered_only:
+        q = q.where(Request.status == "ok")
+    if slices is not None:
+        q = q.where(Request.slice.in_(slices))
+    q = q.order_by(Request.created.desc()).limit(limit) if limit is not None else q.order_by(Request.created)
     with Session(store.engine) as s:
-        return [{"request_id": r.request_id, "created": r.created, "slice": r.slice, "prompt": r.prompt,
-                 "output": r.output, "model_version": r.model_version} for r in s.scalars(q)]
+        rows = [{"request_id": r.request_id, "created": r.created, "slice": r.slice, "prompt": r.prompt,
+                 "output": r.output, "model_version": r.model_version, "user_id": r.user_id, "status": r.status,
+                 "latency_ms": r.latency_ms} for r in s.scalars(q)]
+    return rows[::-1] if limit is not None else rows
 
 
 def champion_reference(reg: Any, champ: Any, version: str, cache: Path) -> tuple[dict[str, Any] | None, str | None]:

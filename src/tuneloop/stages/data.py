@@ -80,9 +80,7 @@ def ingest_stage(cfg: RunConfig, parent_id: str, out: Path, name: str | None = N
         champion = champion_training_data(reg, cfg.state_path / "champion-data") if cfg.data.replay_share > 0 \
             else None
         report = ingest(cfg.data, ChatFormatter(tok, cfg.data.system_prompt), out, rows, champion, train=cfg.train,
-                        audit=audit)
-        report["audit"].update(audit_stats)
-        (out / "report.json").write_text(json.dumps(report, indent=2))
+                        audit=audit, audit_stats=audit_stats)
         log_data_lineage(reg, run_id, parent_id, report)
         for kind, ctx in (("sft", "training"), ("preference", "training"), ("eval", "evaluation")):
             reg.log_dataset(run_id, out / f"{kind}.jsonl", f"{cfg.name}-{kind}", report["file_sha256"][kind], ctx)
