@@ -4,14 +4,24 @@ real gateway). Prints per-run wall times, what each task costs before and after 
 work, the median and spread of each side and, as its last line,
     overhead_ratio=<median kfp.local time / median direct time>
 
-    python bench/orchestration_overhead.py [--repeats N]
+    python bench/orchestration_overhead.py [--repeats N] [--cold]
 
 Both sides run in the same invocation (alternating, each on a fresh state directory) so a
-noisy machine affects both; the ratio uses the median of each side.
+noisy machine affects both; the ratio uses the median of each side. kfp.local is run as
+`tuneloop run` runs it: its tasks forked from one warm interpreter (tuneloop.warm_tasks).
+--cold adds a third side, kfp.local starting every task in a fresh interpreter as it does by
+itself (`tuneloop run --cold-tasks`), and prints its ratio too.
 
-Per-task start-up cost. Under kfp.local every task is a fresh Python interpreter (kfp's
-executor, tuneloop.config, tuneloop.stages, the stage's own imports, MLflow and its sqlite
-store) that also has to exit; called directly, the stages share one process. The cost is read
+DeepSpeed's CPU communication op (deepspeed_shm_comm) is compiled once before anything is
+timed, into one TORCH_EXTENSIONS_DIR that every run shares: a state directory that lives on
+compiles it on its first run only (35-85 s here), and a fresh state directory per run would
+add that one-time cost to every run of both sides.
+
+Per-task start-up cost. Under kfp.local every task is a process of its own: forked from the warm
+interpreter (the client's start, the fork, the stage's imports the server did not preload, opening
+MLflow's sqlite store) or, cold, a fresh interpreter (kfp's executor, tuneloop.config,
+tuneloop.stages, the stage's own imports, MLflow) that also has to exit; called directly, the
+stages share one process. The table compares warm kfp.local with direct. The cost is read
 from the run itself, not from a separate probe: stage i's task time is the gap between the end of
 its MLflow stage run and the end of the previous one (the run's start for the first stage), and
 its own time is the `stage_wall_s` metric the stage logs (stages.py: from before its nested run
@@ -40,6 +50,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 SIDES = ("direct", "kfp_local")
+LABELS = {"direct": "direct", "kfp_local": "kfp.local", "kfp_local_cold": "kfp.local cold"}
+
+
+def build_deepspeed_cpu_op() -> None:
+    """Compile (or find compiled) DeepSpeed's shm communication op in the shared TORCH_EXTENSIONS_DIR."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
 
 
 def task_costs(cfg: Any, parent_run_id: str, started_ms: float, ended_ms: float) -> dict[str, dict[str, float]]:
@@ -95,9 +116,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="whole-pipeline runs per side, alternating direct and kfp.local (default 3; each pair "
                          "takes ~6 min on 2 cores); the ratio uses the median of each side")
+    ap.add_argument("--cold", action="store_true",
+                    help="also run kfp.local with every task in a fresh interpreter (tuneloop run --cold-tasks) "
+                         "as a third side, and print its ratio against direct")
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
+    sides = SIDES + (("kfp_local_cold",) if args.cold else ())
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "tuneloop-torch-extensions"))
+    build_deepspeed_cpu_op()
     logging.basicConfig(level=logging.WARNING)
     from tuneloop.config import load_config
     from tuneloop.deploy.canary import start_gateway, stop_gateway
@@ -107,15 +134,15 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="tuneloop-bench-"))
     model = build_tiny_model(root / "model")
-    times: dict[str, list[float]] = {side: [] for side in SIDES}
-    costs: dict[str, list[dict[str, dict[str, float]]]] = {side: [] for side in SIDES}
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    costs: dict[str, list[dict[str, dict[str, float]]]] = {side: [] for side in sides}
     for i in range(args.repeats):
-        for side in SIDES:
+        for side in sides:
             cfg = load_config(tiny_config(root / f"{side}-{i}", model))
             started_ms = time.time() * 1000
             started = time.perf_counter()
-            if side == "kfp_local":
-                summary = run_local(cfg, f"bench-{side}-{i}")
+            if side.startswith("kfp_local"):
+                summary = run_local(cfg, f"bench-{side}-{i}", warm_tasks=side == "kfp_local")
             else:
                 gw = start_gateway(cfg)
                 try:
@@ -126,13 +153,16 @@ def main() -> None:
             ended_ms = time.time() * 1000
             times[side].append(wall)
             costs[side].append(task_costs(cfg, summary["parent_run_id"], started_ms, ended_ms))
-            print(f"{side:10s} run {i}: {wall:6.1f} s  outcome: {summary['outcome']}", flush=True)
+            print(f"{LABELS[side]:14s} run {i}: {wall:6.1f} s  outcome: {summary['outcome']}", flush=True)
     print_tasks(costs)
     k, d = statistics.median(times["kfp_local"]), statistics.median(times["direct"])
-    for side, label in (("kfp_local", "kfp.local"), ("direct", "direct")):
+    for side in sides:
         ts = times[side]
-        print(f"{label:9s} median {statistics.median(ts):6.1f} s, spread {min(ts):.1f}-{max(ts):.1f} s "
+        print(f"{LABELS[side]:14s} median {statistics.median(ts):6.1f} s, spread {min(ts):.1f}-{max(ts):.1f} s "
               f"({max(ts) - min(ts):.1f} s) over {len(ts)} runs")
+    if "kfp_local_cold" in times:
+        c = statistics.median(times["kfp_local_cold"])
+        print(f"cold tasks: median {c:.1f} s, ratio to direct {c / d:.3f}; warm tasks save {c - k:.1f} s")
     print(f"median kfp.local {k:.1f} s, direct {d:.1f} s, added {k - d:.1f} s")
     print(f"overhead_ratio={k / d:.3f}")
 

@@ -26,7 +26,7 @@ FLOORS = {
     "evaluate": 3,
     "deploy": 4, "monitor": 4, "repair": 4,
     "stages": 5,
-    "orchestrate": 6, "components": 6, "pipelines": 6, "cli": 7, "demo": 0,
+    "orchestrate": 6, "warm_tasks": 6, "warm_task_client": 6, "components": 6, "pipelines": 6, "cli": 7, "demo": 0,
 }
 
 

@@ -75,6 +75,10 @@ def compile_(
 @app.command()
 def run(config: ConfigArg = None, state_dir: StateDir = None, tracking_uri: TrackingUri = None,
         run_name: Annotated[str | None, typer.Option(help="MLflow/KFP run name; default: <name>-<timestamp>.")] = None,
+        cold_tasks: Annotated[bool, typer.Option(
+            "--cold-tasks", help="Start every task in a fresh interpreter, as kfp.local does by itself, instead of "
+                                 "forking it from one warm interpreter that imported the stages' libraries once "
+                                 "(also TUNELOOP_COLD_TASKS=1).")] = False,
         ) -> None:
     """Run the whole pipeline on this machine with kfp.local, then print the summary."""
     from tuneloop.orchestrate import run_local
@@ -83,7 +87,7 @@ def run(config: ConfigArg = None, state_dir: StateDir = None, tracking_uri: Trac
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     console.rule(f"tuneloop run: {cfg.name}")
     try:
-        summary = run_local(cfg, run_name)
+        summary = run_local(cfg, run_name, warm_tasks=not cold_tasks)
     except Exception as e:  # the pipeline's own logs above show the failing task in full
         fail(f"pipeline failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     print_summary(summary, cfg)
