@@ -55,17 +55,28 @@ ENV_OFF = "TUNELOOP_COLD_TASKS"
 # the run's process sets after the server started (rich and shutil read it when they print, not at import)
 NOT_COMPARED = ("PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES")
 # what the stages import (tuneloop.stages and the modules its functions import lazily, with the libraries those
-# import lazily in turn): imported once by the server, never again per task
+# import lazily in turn, as listed by sys.modules in a task): imported once by the server, never again per task
 PRELOAD = (
-    "kfp.dsl.executor_main", "tuneloop.config", "tuneloop.stages", "tuneloop.registry", "tuneloop.models",
-    "tuneloop.data.ingest", "tuneloop.data.validate", "tuneloop.data.drift", "tuneloop.data.preflight",
-    "tuneloop.data.replay", "tuneloop.data.formatting", "tuneloop.data.safety_pairs", "tuneloop.evaluate.run",
+    "kfp.dsl.executor_main", "tuneloop.config", "tuneloop.env", "tuneloop.progress", "tuneloop.stages",
+    "tuneloop.registry", "tuneloop.models",
+    "tuneloop.data.ingest", "tuneloop.data.pii", "tuneloop.data.dedup", "tuneloop.data.feedback",
+    "tuneloop.data.validate", "tuneloop.data.drift", "tuneloop.data.preflight", "tuneloop.data.replay",
+    "tuneloop.data.formatting", "tuneloop.data.safety_pairs",
+    "tuneloop.evaluate.run", "tuneloop.evaluate.scoring", "tuneloop.evaluate.safety", "tuneloop.evaluate.label_probs",
     "tuneloop.evaluate.diagnosis", "tuneloop.evaluate.calibration", "tuneloop.evaluate.model_card",
-    "tuneloop.train.launch", "tuneloop.train.local", "tuneloop.train.memory", "tuneloop.train.merge",
-    "tuneloop.deploy.canary", "tuneloop.deploy.mlflow_model", "tuneloop.feedback.store", "tuneloop.monitor.labels",
-    "tuneloop.repair", "mlflow", "mlflow.tracking", "mlflow.models", "mlflow.store.tracking.sqlalchemy_store",
-    "mlflow.store.model_registry.sqlalchemy_store", "torch", "transformers", "peft", "great_expectations",
-    "evidently", "evidently.presets", "evidently.metrics", "pandas", "sklearn.metrics", "yaml",
+    "tuneloop.evaluate.sequential", "tuneloop.train.launch", "tuneloop.train.local", "tuneloop.train.memory",
+    "tuneloop.train.merge", "tuneloop.deploy.canary", "tuneloop.deploy.mlflow_model", "tuneloop.feedback.store",
+    "tuneloop.feedback.canary_looks", "tuneloop.monitor.labels", "tuneloop.repair",
+    "mlflow", "mlflow.tracking", "mlflow.models", "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store", "mlflow.store.tracking.sqlalchemy_workspace_store",
+    "mlflow.store.model_registry.sqlalchemy_workspace_store", "mlflow.tracing.export", "mlflow.tracing.processor.otel",
+    "opentelemetry.sdk.metrics", "alembic.command", "alembic.config",
+    "torch", "transformers", "transformers.pipelines", "transformers.models.llama.modeling_llama", "peft",
+    "great_expectations", "evidently", "evidently.presets", "evidently.metrics", "presidio_analyzer",
+    "presidio_anonymizer", "spacy", "pandas", "sklearn.metrics", "rouge_score.rouge_scorer", "savvi",
+    "py_markdown_table", "httpx", "httpcore", "datasketch", "xxhash", "spacy.lang.en",
+    "mlflow.tracing.processor.base_mlflow", "mlflow.tracing.export.utils", "peft.utils.transformers_weight_conversion",
+    "yaml",
 )
 STATUS = struct.Struct("!i")  # what the server sends the client: the child's pid, then its exit status
 

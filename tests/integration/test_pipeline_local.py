@@ -103,3 +103,4 @@ def test_pipeline_promotes_then_blocks_a_failing_candidate(tmp_path, tiny_model_
     # every task was forked from the warm interpreter (tuneloop.warm_tasks); none fell back to a cold start
     assert err.count("tasks are forked from it") == 2, "one warm task server per run"
     assert "starts in a fresh interpreter" not in out + err
+    assert "not preloaded" not in err, "every module in tuneloop.warm_tasks.PRELOAD imports"
