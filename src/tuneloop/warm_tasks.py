@@ -23,6 +23,8 @@ A fork is only as good as what it inherits, so the server
   the task's working directory first on sys.path, and runs `kfp.dsl.executor_main` as __main__ with exit
   handlers run at the end, as an interpreter would.
 When the server cannot be reached, the client starts the task the ordinary way, so a run never depends on it.
+The socket lives in a folder only the run's user can enter (mkdtemp, mode 0700): whoever can connect could run
+code as that user, which they can do anyway.
 `tuneloop run --cold-tasks` (or TUNELOOP_COLD_TASKS=1) switches it off.
 """
 
@@ -153,6 +155,18 @@ def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     return json.loads(body), list(fds)
 
 
+def why_not_fork(request: dict[str, Any], fds: list[int], start_env: dict[str, str]) -> str:
+    """Why this request is not forked (the client then starts the task cold), or '' when it may be."""
+    if len(fds) != 3:
+        return f"expected 3 file descriptors, got {len(fds)}"
+    if diff := env_difference(request.get("env", {}), start_env):
+        return "its environment differs from the warm server's in " + ", ".join(diff[:5]) + (
+            " ..." if len(diff) > 5 else "")
+    if (n := threading.active_count()) != 1:
+        return f"the warm server runs {n} Python threads; forking it would be unsafe"
+    return ""
+
+
 def serve(path: str, preload: list[str]) -> None:
     """Import PRELOAD, then fork a child per request on the Unix socket PATH until SIGTERM or SIGINT."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -183,21 +197,15 @@ def serve(path: str, preload: list[str]) -> None:
     while not stop:
         for _ in sel.select(timeout=0.05):
             conn, _ = listener.accept()
+            conn.settimeout(10)  # a client that connects and sends nothing must not hold up the others
             try:
                 request, fds = _receive(conn)
             except (OSError, ValueError, struct.error) as e:
                 print(f"warm task server: bad request: {e}", file=sys.stderr)
                 conn.close()
                 continue
-            refuse = ""
-            if len(fds) != 3:
-                refuse = f"expected 3 file descriptors, got {len(fds)}"
-            elif (diff := env_difference(request.get("env", {}), start_env)):
-                refuse = ("its environment differs from the warm server's in " + ", ".join(diff[:5])
-                          + (" ..." if len(diff) > 5 else ""))
-            elif (n := threading.active_count()) != 1:
-                refuse = f"the warm server runs {n} Python threads; forking it would be unsafe"
-            if refuse:  # the client starts the task the ordinary way
+            conn.settimeout(None)
+            if refuse := why_not_fork(request, fds, start_env):  # the client starts the task the ordinary way
                 body = refuse.encode()
                 conn.sendall(STATUS.pack(-1) + struct.pack("!I", len(body)) + body)
                 for fd in fds:
@@ -212,7 +220,8 @@ def serve(path: str, preload: list[str]) -> None:
                 try:
                     sel.close()
                     listener.close()
-                    conn.close()
+                    for other in (conn, *children.values()):  # a sibling's client must see its own task end
+                        other.close()
                     for target, fd in enumerate(fds):
                         os.dup2(fd, target)
                         os.close(fd)
