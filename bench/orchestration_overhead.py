@@ -115,7 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3,
                     help="whole-pipeline runs per side, alternating direct and kfp.local (default 3; each pair "
-                         "takes ~6 min on 2 cores); the ratio uses the median of each side")
+                         "takes ~1.5 min on 2 cores, --cold adds ~1.5 min); the ratio uses the median of each side")
     ap.add_argument("--cold", action="store_true",
                     help="also run kfp.local with every task in a fresh interpreter (tuneloop run --cold-tasks) "
                          "as a third side, and print its ratio against direct")
