@@ -165,6 +165,10 @@ def evaluate_paths(candidate: Path, champion: Path | None, data: list[str], gate
         raise ConfigError(f"{gates_file}: no such gates file") from None
     except (yaml.YAMLError, ValidationError) as e:
         raise ConfigError(f"{gates_file}: not a valid `evaluate` section: {e}") from None
+    for flag, folder in (("--candidate", candidate), ("--champion", champion)):
+        if folder is not None and not any((folder / f).exists() for f in ("adapter_config.json", "config.json")):
+            raise FileNotFoundError(f"{flag} {folder}: neither a LoRA adapter folder (adapter_config.json) nor a "
+                                    "save_pretrained model folder (config.json)")
     if base is None:
         ac = candidate / "adapter_config.json"
         base = Path(json.loads(ac.read_text())["base_model_name_or_path"]) if ac.exists() else candidate
