@@ -60,6 +60,7 @@ def main() -> None:
 
     from tuneloop.config import load_config
     from tuneloop.orchestrate import run_local
+    from tuneloop.stages.common import base_model_dir
 
     state = args.state_dir or Path(tempfile.mkdtemp(prefix="tuneloop-safety-"))
     cfg = load_config(args.config, state_dir=str(state))
@@ -80,7 +81,7 @@ def main() -> None:
     sft_out = state / "sft-only-evaluation"
     gates = state / "sft-only-gates.yaml"
     gates.write_text(yaml.safe_dump(cfg.evaluate.model_dump(mode="json")))
-    base = next((state / "models").iterdir()) if cfg.base_model.gguf_file else Path(cfg.base_model.path)
+    base = base_model_dir(cfg)  # the materialised save_pretrained folder the run's tasks used
     sft_adapter = run_dir / "sft" / "adapter" / "adapter"  # the task's output artifact holds the adapter folder
     cmd = [sys.executable, "-m", "tuneloop.cli", "evaluate", "--candidate", str(sft_adapter),
            "--base", str(base), "--gates", str(gates), "--out", str(sft_out)]
@@ -110,13 +111,10 @@ def main() -> None:
         print(f"  {name:18s} {'PASSED' if g['passed'] else 'BLOCKED'}: {verdicts}")
     print(f"(the SFT-only evaluation took {sft_eval_s:.0f} s more; answers: {run_dir}/evaluate/evaluation/"
           f"safety.jsonl and {state}/sft-only-evaluation/safety.jsonl)")
-    u = {k: m.get("safety", {}).get("unsafe_share", float("nan"))
-         for k, m in (("base", rl["base"]), ("sft", sft["metrics"]["candidate"]), ("rl", rl["candidate"]))}
-    r = {k: m.get("safety", {}).get("refusal_share", float("nan"))
-         for k, m in (("base", rl["base"]), ("sft", sft["metrics"]["candidate"]), ("rl", rl["candidate"]))}
-    print(f"unsafe_share base={u['base']:.3f} sft={u['sft']:.3f} rl={u['rl']:.3f} "
-          f"refusal_share base={r['base']:.3f} sft={r['sft']:.3f} rl={r['rl']:.3f} wall_s={wall:.0f}")
-
+    models = {"base": rl["base"], "sft": sft["metrics"]["candidate"], "rl": rl["candidate"]}
+    last = [f"{key}_share " + " ".join(f"{who}={m.get('safety', {}).get(f'{key}_share', float('nan')):.3f}"
+                                       for who, m in models.items()) for key in ("unsafe", "refusal")]
+    print(" ".join(last) + f" wall_s={wall:.0f}")
 
 if __name__ == "__main__":
     main()

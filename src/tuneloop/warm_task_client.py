@@ -15,6 +15,10 @@ import socket
 import struct
 import sys
 
+# the protocol, shared with the server (warm_tasks.py imports it from here, since this file may import nothing
+# but the standard library): the client sends SIZE (+ its three fds), then SIZE bytes of JSON {argv, cwd, env};
+# the server answers STATUS = the task's pid and later its exit status, or -1, SIZE and a reason to start cold
+SIZE = struct.Struct("!I")
 STATUS = struct.Struct("!i")
 
 
@@ -25,7 +29,8 @@ def _cold(argv, why):
     os.execv(sys.executable, [sys.executable, *argv])
 
 
-def _read(conn, size):
+def read_exactly(conn, size):
+    """SIZE bytes from the socket, or None when it closes first."""
     data = b""
     while len(data) < size:
         chunk = conn.recv(size - len(data))
@@ -41,9 +46,9 @@ def main():
     try:
         conn.connect(path)
         body = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
-        socket.send_fds(conn, [struct.pack("!I", len(body))], [0, 1, 2])
+        socket.send_fds(conn, [SIZE.pack(len(body))], [0, 1, 2])
         conn.sendall(body)
-        head = _read(conn, STATUS.size)  # blocks while the server still imports
+        head = read_exactly(conn, STATUS.size)  # blocks while the server still imports
     except OSError as e:
         conn.close()
         _cold(argv, f"the warm task server is not reachable ({e})")
@@ -53,8 +58,8 @@ def main():
         return
     (pid,) = STATUS.unpack(head)
     if pid == -1:
-        size = _read(conn, 4)
-        why = _read(conn, struct.unpack("!I", size)[0]).decode() if size else "no reason given"
+        size = read_exactly(conn, SIZE.size)
+        why = read_exactly(conn, SIZE.unpack(size)[0]).decode() if size else "no reason given"
         conn.close()
         _cold(argv, why)
         return
@@ -67,7 +72,7 @@ def main():
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    head = _read(conn, STATUS.size)
+    head = read_exactly(conn, STATUS.size)
     if head is None:
         print(f"[tuneloop] the warm task server went away while task process {pid} ran; its exit status is "
               "unknown", file=sys.stderr, flush=True)

@@ -49,6 +49,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tuneloop.warm_task_client import SIZE, STATUS, read_exactly
+
 log = logging.getLogger("tuneloop.warm_tasks")
 
 CLIENT = Path(__file__).with_name("warm_task_client.py")
@@ -80,7 +82,6 @@ PRELOAD = (
     "mlflow.tracing.processor.base_mlflow", "mlflow.tracing.export.utils", "peft.utils.transformers_weight_conversion",
     "yaml",
 )
-STATUS = struct.Struct("!i")  # what the server sends the client: the child's pid, then its exit status
 
 
 def exit_code(status: int) -> int:
@@ -144,14 +145,10 @@ def _run_task(argv: list[str], cwd: str, env: dict[str, str]) -> int:
 
 def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     """One request: a length-prefixed JSON header {argv, cwd, env} and the client's stdin, stdout, stderr."""
-    head, fds, _, _ = socket.recv_fds(conn, 4, 3)
-    (size,) = struct.unpack("!I", head)
-    body = b""
-    while len(body) < size:
-        chunk = conn.recv(size - len(body))
-        if not chunk:
-            raise ConnectionError("client went away while sending its request")
-        body += chunk
+    head, fds, _, _ = socket.recv_fds(conn, SIZE.size, 3)
+    body = read_exactly(conn, SIZE.unpack(head)[0])
+    if body is None:
+        raise ConnectionError("client went away while sending its request")
     return json.loads(body), list(fds)
 
 
@@ -207,7 +204,7 @@ def serve(path: str, preload: list[str]) -> None:
             conn.settimeout(None)
             if refuse := why_not_fork(request, fds, start_env):  # the client starts the task the ordinary way
                 body = refuse.encode()
-                conn.sendall(STATUS.pack(-1) + struct.pack("!I", len(body)) + body)
+                conn.sendall(STATUS.pack(-1) + SIZE.pack(len(body)) + body)
                 for fd in fds:
                     os.close(fd)
                 conn.close()
