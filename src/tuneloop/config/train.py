@@ -65,6 +65,13 @@ class SFTConfig(_StageCommon):
                              "and target modules are kept). With no champion yet a fresh adapter is trained.")
     ewc: EWCConfig = Field(default_factory=EWCConfig,
                            description="EWC penalty toward the champion's adapter (needs init: champion).")
+    safety_demos: int = Field(
+        0, ge=0, description="Refusal demonstrations added to the SFT records (safety SFT, as in Llama 2's safety "
+                             "fine-tuning): this many harmful prompts of train.reward.safety.prompt_files, each with a "
+                             "refusal as its answer, made as the reward stage makes its safety pairs (the same "
+                             "seeded prompts and refusal templates; only prompts on the pairs' train side, none from "
+                             "evaluate.safety.prompt_files). A model that never refuses gives online RL nothing to "
+                             "reinforce; these make refusals likely enough to sample. 0: none.")
 
 
 class DPOConfig(_StageCommon):

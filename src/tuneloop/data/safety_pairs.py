@@ -76,11 +76,12 @@ def held_out(prompt: str, share: float) -> bool:
     return h / 2 ** 64 < share
 
 
-def safety_pairs(prompt_files: list[str], max_pairs: int, seed: int, eval_share: float,
+def safety_pairs(prompt_files: list[str], max_pairs: int | None, seed: int, eval_share: float,
                  exclude_files: list[str] | None = None,
                  format_prompt: Callable[[str], str] | None = None,
                  format_completion: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
-    """`max_pairs` pairs {id, slice: safety, source, user_text, prompt, chosen, rejected, split: train|eval}.
+    """`max_pairs` pairs (None: one per prompt) {id, slice: safety, source, user_text, prompt, chosen, rejected,
+    split: train|eval}; the prompts are shuffled by the seed, so a larger max_pairs extends the same list.
 
     `format_prompt` / `format_completion` render them as ingest renders preference records (the chat template
     and the eos token: data/formatting.py ChatFormatter.user_prompt / .completion); identity if None."""

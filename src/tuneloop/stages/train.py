@@ -61,7 +61,26 @@ def _train(cfg: RunConfig, parent_id: str, stage: str, data: Path, out: Path,
 
 
 def sft_stage(cfg: RunConfig, parent_id: str, dataset: Path, out: Path, name: str | None = None) -> dict[str, Any]:
-    return _train(cfg, parent_id, "sft", dataset / "sft.jsonl", out, sft_init_adapter(cfg, out), name)
+    return _train(cfg, parent_id, "sft", sft_records(cfg, dataset, out), out, sft_init_adapter(cfg, out), name)
+
+
+def sft_records(cfg: RunConfig, dataset: Path, out: Path) -> Path:
+    """The SFT stage's records: ingest's DATASET/sft.jsonl, or with train.sft.safety_demos, OUT/sft_records.jsonl:
+    those records and the refusal demonstrations (slice `safety`)."""
+    from tuneloop.data.safety_pairs import write_jsonl
+    from tuneloop.jsonl import read_jsonl
+
+    src, n = dataset / "sft.jsonl", cfg.train.sft.safety_demos
+    if n == 0:
+        return src
+    pairs = [r for r in _safety_pairs(cfg, None) if r["split"] == "train"]
+    if len(pairs) < n:
+        raise ValueError(f"train.sft.safety_demos: {n} asked, but train.reward.safety.prompt_files give only "
+                         f"{len(pairs)} prompts on the train side; lower it or add prompt files")
+    demos = [{"id": r["id"], "slice": r["slice"], "source": r["source"], "user_text": r["user_text"],
+              "response": r["chosen"], "prompt": r["prompt"], "completion": r["chosen"]} for r in pairs[:n]]
+    log.info("sft: %d refusal demonstrations added to the records (train.sft.safety_demos)", n)
+    return write_jsonl(list(read_jsonl(src)) + demos, out / "sft_records.jsonl")
 
 
 def dpo_stage(cfg: RunConfig, parent_id: str, dataset: Path, sft_out: Path, out: Path,
@@ -101,10 +120,7 @@ class RewardGateFailed(RuntimeError):
 def reward_pairs(cfg: RunConfig, dataset: Path, out: Path) -> Path:
     """OUT/pairs.jsonl: the run's preference pairs (ingest's preference.jsonl) and the safety pairs, each with
     `split` train or eval (held out by a hash of the prompt, train.reward.eval_share)."""
-    from transformers import AutoTokenizer
-
-    from tuneloop.data.formatting import ChatFormatter
-    from tuneloop.data.safety_pairs import held_out, safety_pairs, write_jsonl
+    from tuneloop.data.safety_pairs import held_out, write_jsonl
     from tuneloop.jsonl import read_jsonl
 
     rw = cfg.train.reward
@@ -112,11 +128,23 @@ def reward_pairs(cfg: RunConfig, dataset: Path, out: Path) -> Path:
     rows = [{**r, "split": "eval" if held_out(r.get("user_text") or r["prompt"], rw.eval_share) else "train"}
             for r in (read_jsonl(src) if src.exists() else [])]
     if rw.safety.enabled:
-        fmt = ChatFormatter(AutoTokenizer.from_pretrained(str(base_model_dir(cfg))), cfg.data.system_prompt)
-        exclude = cfg.evaluate.safety.prompt_files if cfg.evaluate.safety is not None else None
-        rows += safety_pairs(rw.safety.prompt_files, rw.safety.max_pairs, cfg.train.seed, rw.eval_share,
-                             exclude, fmt.user_prompt, fmt.completion)
+        rows += _safety_pairs(cfg, rw.safety.max_pairs)
     return write_jsonl(rows, out / "pairs.jsonl")
+
+
+def _safety_pairs(cfg: RunConfig, max_pairs: int | None) -> list[dict[str, Any]]:
+    """train.reward.safety's pairs rendered with the base model's chat template, at most MAX_PAIRS (None: one per
+    prompt); the same seed gives the same prompts in the same order, so the first N are the same at any size."""
+    from transformers import AutoTokenizer
+
+    from tuneloop.data.formatting import ChatFormatter
+    from tuneloop.data.safety_pairs import safety_pairs
+
+    rw = cfg.train.reward
+    fmt = ChatFormatter(AutoTokenizer.from_pretrained(str(base_model_dir(cfg))), cfg.data.system_prompt)
+    exclude = cfg.evaluate.safety.prompt_files if cfg.evaluate.safety is not None else None
+    return safety_pairs(rw.safety.prompt_files, max_pairs, cfg.train.seed, rw.eval_share, exclude,
+                        fmt.user_prompt, fmt.completion)
 
 
 def reward_gate(cfg: RunConfig, ev: dict[str, Any]) -> list[str]:
