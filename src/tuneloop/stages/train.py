@@ -134,15 +134,17 @@ def reward_pairs(cfg: RunConfig, dataset: Path, out: Path) -> Path:
 
 def _safety_pairs(cfg: RunConfig, max_pairs: int | None) -> list[dict[str, Any]]:
     """train.reward.safety's pairs rendered with the base model's chat template, at most MAX_PAIRS (None: one per
-    prompt); the same seed gives the same prompts in the same order, so the first N are the same at any size."""
+    prompt), none of them a prompt the red-team evaluation uses (evaluate.safety, as its seeded sample picks them);
+    the same seed gives the same prompts in the same order, so the first N are the same at any size."""
     from transformers import AutoTokenizer
 
     from tuneloop.data.formatting import ChatFormatter
     from tuneloop.data.safety_pairs import safety_pairs
+    from tuneloop.evaluate.safety import load_prompts
 
     rw = cfg.train.reward
     fmt = ChatFormatter(AutoTokenizer.from_pretrained(str(base_model_dir(cfg))), cfg.data.system_prompt)
-    exclude = cfg.evaluate.safety.prompt_files if cfg.evaluate.safety is not None else None
+    exclude = load_prompts(cfg.evaluate.safety, cfg.evaluate.seed) if cfg.evaluate.safety is not None else None
     return safety_pairs(rw.safety.prompt_files, max_pairs, cfg.train.seed, rw.eval_share, exclude,
                         fmt.user_prompt, fmt.completion)
 
