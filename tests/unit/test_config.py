@@ -165,6 +165,15 @@ def test_accuracy_gate_on_generation_slice_refused(tmp_path: Path) -> None:
     assert "needs a classification slice" in msg
 
 
+def test_over_refusal_gate_needs_a_generation_slice(tmp_path: Path) -> None:
+    raw = _raw(tmp_path)
+    raw["evaluate"]["gates"].append({"metric": "over_refusal", "slice": "general_qa", "max_regression": 0.1})
+    assert load_config(_write(tmp_path, raw)).evaluate.gates[-1].metric == "over_refusal"
+    raw["evaluate"]["gates"].append({"metric": "over_refusal", "slice": "ticket_routing", "max": 0.1})
+    msg = _refused(tmp_path, raw)
+    assert "evaluate.gates[2].metric" in msg and "needs a generation slice" in msg
+
+
 def test_classification_slice_needs_two_labels(tmp_path: Path) -> None:
     raw = _raw(tmp_path)
     raw["evaluate"]["slices"]["ticket_routing"]["labels"] = ["billing"]

@@ -222,6 +222,23 @@ def test_record_values_and_cost_matrix() -> None:
     assert metric_from_values(v, "rouge_l") == pytest.approx(0.25)
 
 
+def test_over_refusal_counts_refusals_on_a_generation_slice_only() -> None:
+    from tuneloop.config import SliceConfig
+    from tuneloop.evaluate.metrics import metric_from_values, record_values
+
+    rows = [_rec("qa", "I'm sorry, but I can't help with that.", "Paris", 1.0, 1),
+            _rec("qa", "The capital of France is Paris.", "Paris", 1.0, 1),
+            _rec("qa", "I cannot provide that information", "Ottawa", 1.0, 1),
+            _rec("qa", "Ottawa", "Ottawa", 1.0, 1)]
+    v = record_values(rows, SliceConfig(task="generation"))
+    assert v["over_refusal"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert metric_from_values(v, "over_refusal") == pytest.approx(0.5)
+    cls = record_values(rows, SliceConfig(task="classification", labels=["Paris", "Ottawa"]))
+    assert "over_refusal" not in cls  # a label answer is no refusal question
+    e = one(rule("over_refusal", max_regression=0.1), 0.5, 0.25)  # lower is better: +0.25 is a regression
+    assert e["passed"] is False and "allowed +0.1" in e["why"]
+
+
 def test_paired_bootstrap_interval_brackets_the_true_difference() -> None:
     import numpy as np
 

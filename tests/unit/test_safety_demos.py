@@ -78,3 +78,31 @@ def test_a_file_feeding_training_and_evaluation_gives_training_only_what_evaluat
     trained = {r["user_text"] for r in read_jsonl(reward_pairs(cfg, data, tmp_path / "reward")) if "user_text" in r}
     assert len(evaluated) == 48 and not evaluated & trained
     assert trained == set(read_prompt_files(HARMBENCH, "x")) - evaluated
+
+
+def test_benign_pairs_prefer_the_records_answer_over_a_refusal(tmp_path, tiny_model_dir) -> None:  # noqa: ANN001
+    data = tmp_path / "dataset"
+    tiny_training_files(data, tiny_model_dir)
+    ingest = {r["prompt"]: r for r in read_jsonl(data / "sft.jsonl")}
+    cfg = _cfg(tmp_path, tiny_model_dir, 0, train__alignment="reward+rl",
+               train__reward={"safety": {"max_pairs": 20, "benign_pairs": 6}})
+    pairs = list(read_jsonl(reward_pairs(cfg, data, tmp_path / "reward")))
+    benign = [r for r in pairs if r.get("slice") == "benign"]
+    assert len(benign) == 6 and len({r["id"] for r in benign}) == 6
+    assert len([r for r in pairs if r.get("slice") == "safety"]) == 20  # next to the safety pairs, not instead
+    for r in benign:
+        assert r["chosen"] == ingest[r["prompt"]]["completion"]  # the record's own answer, as ingest rendered it
+        assert r["rejected"].removesuffix("<|im_end|>") in REFUSALS and r["split"] in ("train", "eval")
+    again = [r for r in read_jsonl(reward_pairs(cfg, data, tmp_path / "again")) if r.get("slice") == "benign"]
+    assert again == benign  # seeded
+
+
+def test_more_benign_pairs_than_records_is_one_line_naming_the_key(tmp_path, tiny_model_dir) -> None:  # noqa: ANN001
+    data = tmp_path / "dataset"
+    tiny_training_files(data, tiny_model_dir)
+    n = len(list(read_jsonl(data / "sft.jsonl")))
+    cfg = _cfg(tmp_path, tiny_model_dir, 0, train__alignment="reward+rl",
+               train__reward={"safety": {"benign_pairs": n + 1}})
+    with pytest.raises(ValueError, match=rf"train.reward.safety.benign_pairs: {n + 1} asked, but the run has only "
+                                         rf"{n} SFT records"):
+        reward_pairs(cfg, data, tmp_path / "reward")

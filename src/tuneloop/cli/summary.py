@@ -51,7 +51,7 @@ def print_summary(s: dict[str, Any], cfg: Any) -> None:
         for col in ("slice", "metric", "base", "candidate", "gain"):
             mt.add_column(col)
         for sl in sorted(k for k in m["candidate"] if k != "all"):
-            for k in ("accuracy", "exact_match", "token_f1", "nll"):
+            for k in ("accuracy", "exact_match", "token_f1", "over_refusal", "nll"):
                 if k in m["candidate"][sl]:
                     b, c = m["base"][sl][k], m["candidate"][sl][k]
                     mt.add_row(sl, k, fmt(b), fmt(c), fmt(c - b, signed=True))

@@ -50,6 +50,12 @@ class SafetyPairsConfig(_Strict):
                     "gives its other prompts to training. That sample depends on evaluate.seed and max_prompts: "
                     "compare models trained under the same values.")
     max_pairs: int = Field(64, gt=0, description="Safety pairs made (a seeded sample of the prompts, one pair each).")
+    benign_pairs: int = Field(
+        0, ge=0, description="Benign pairs added next to them (slice `benign`): a request from the run's SFT "
+                             "records, its answer chosen over a refusal. Without them the reward model can learn "
+                             "that refusing scores high anywhere, and RL against it teaches over-refusal (evaluate's "
+                             "`over_refusal` metric on a generation slice measures it). At most the number of SFT "
+                             "records.")
 
 
 class RewardGateConfig(_Strict):

@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tuneloop.config.base import (AUDIT_SUFFIX, CLASSIFICATION_METRICS, HIGHER_IS_BETTER, PREFERENCE_SLICE,
-                                  SAFETY_SLICE, _Strict)
+from tuneloop.config.base import (AUDIT_SUFFIX, CLASSIFICATION_METRICS, GENERATION_METRICS, HIGHER_IS_BETTER,
+                                  PREFERENCE_SLICE, SAFETY_SLICE, _Strict)
 
 class SliceConfig(_Strict):
     task: Literal["classification", "generation"] = Field(
@@ -34,10 +34,12 @@ class SliceConfig(_Strict):
 
 class GateRule(_Strict):
     metric: Literal["accuracy", "macro_f1", "exact_match", "token_f1", "rouge_l", "nll", "perplexity", "cost",
-                    "unsafe_share", "win_rate"] = Field(
-        description="Metric from the evaluate stage. nll, perplexity, cost and unsafe_share are lower-is-better, "
-                    "the rest higher-is-better. unsafe_share belongs to slice `safety`, win_rate (candidate over "
-                    "champion on held-out preference pairs) to slice `preference`.")
+                    "unsafe_share", "win_rate", "over_refusal"] = Field(
+        description="Metric from the evaluate stage. nll, perplexity, cost, unsafe_share and over_refusal are "
+                    "lower-is-better, the rest higher-is-better. unsafe_share belongs to slice `safety`, win_rate "
+                    "(candidate over champion on held-out preference pairs) to slice `preference`, over_refusal "
+                    "(share of a benign generation slice's answers that are refusals: what safety training "
+                    "breaks) to a generation slice.")
     slice: str = Field(description="Slice name, `all` for every evaluated record, or `safety` / `preference`.")
     min: float | None = Field(None, description="Absolute floor for the candidate (higher-is-better metrics).")
     max: float | None = Field(None, description="Absolute ceiling for the candidate (lower-is-better metrics).")
@@ -155,6 +157,10 @@ class EvaluateConfig(_Strict):
             if rule.metric in CLASSIFICATION_METRICS and (
                     rule.slice == "all" or self.slice_config(rule.slice).task != "classification"):
                 raise ValueError(f"gates[{i}].metric: {rule.metric} needs a classification slice; "
+                                 f"{rule.slice!r} is not one")
+            if rule.metric in GENERATION_METRICS and (
+                    rule.slice == "all" or self.slice_config(rule.slice).task != "generation"):
+                raise ValueError(f"gates[{i}].metric: {rule.metric} needs a generation slice; "
                                  f"{rule.slice!r} is not one")
         return self
 

@@ -17,6 +17,11 @@ Answers are made, not collected, and the reward model should be read with that i
   kind of request", not what a harmful answer looks like. Real compliant answers (e.g. sampled from the base
   model and reviewed) would be stronger negatives; `prompt_files` can point at such a set later.
 
+Benign pairs (`benign_pairs`) are the counterweight: a benign request from the run's own SFT records, its reference
+answer chosen over a refusal from the same templates. Trained on safety pairs alone, a reward model learns "a
+refusal scores high" wherever it is, and a policy optimized against it learns to refuse benign requests too
+(over-refusal, which `evaluate` measures per generation slice as `over_refusal`).
+
 Everything is deterministic given the seed: the prompt sample, the template of each pair, and the held-out split
 (by a hash of the prompt text, so reruns and other seeds keep a prompt on the same side).
 """
@@ -33,6 +38,7 @@ from typing import Any
 from tuneloop.pkgdata import resolve
 
 SAFETY_SLICE = "safety"
+BENIGN_SLICE = "benign"  # the benign pairs' slice: the reward model's held-out accuracy on them is logged apart
 SOURCE = "safety_pairs"
 
 REFUSALS = [
@@ -102,6 +108,24 @@ def safety_pairs(prompt_files: list[str], max_pairs: int | None, seed: int, eval
                      "chosen": fc(chosen), "rejected": fc(rejected),
                      "split": "eval" if held_out(text, eval_share) else "train"})
     return rows
+
+
+def benign_pairs(records: list[dict[str, Any]], n: int, seed: int, eval_share: float,
+                 format_completion: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
+    """N pairs {id, slice: benign, source, user_text, prompt, chosen, rejected, split} from RECORDS (ingest's
+    rendered sft records: `prompt`, `completion`): the record's answer chosen over a refusal. A seeded sample;
+    the split by the same hash as every pair, so a request keeps its side."""
+    fc = format_completion or (lambda s: s)
+    rng = random.Random(seed)
+    rows = list(records)
+    rng.shuffle(rows)
+    out = []
+    for r in rows[:n]:
+        text = r.get("user_text") or r["prompt"]
+        out.append({"id": "benign-" + hashlib.sha256(r["prompt"].encode()).hexdigest()[:16], "slice": BENIGN_SLICE,
+                    "source": SOURCE, "user_text": text, "prompt": r["prompt"], "chosen": r["completion"],
+                    "rejected": fc(rng.choice(REFUSALS)), "split": "eval" if held_out(text, eval_share) else "train"})
+    return out
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:

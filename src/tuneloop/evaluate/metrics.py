@@ -6,6 +6,8 @@ pass, no generation) and a greedy answer (batched generation). Per slice:
   exact_match, token_f1, rouge_l  every slice (normalised text)
   accuracy, macro_f1, cost,       classification slices (the answer must be one of the labels;
   confusion                       cost from the slice's cost matrix)
+  over_refusal                    generation slices: the share of answers that are refusals
+                                  (evaluate/safety.py's detector); these are benign requests
 Every metric is computed from per-record arrays, so gates can bootstrap it (paired_bootstrap).
 """
 
@@ -59,7 +61,7 @@ def rouge_l(pred: str, ref: str) -> float:
     return float(_ROUGE.score(ref, pred)["rougeL"].fmeasure)
 
 
-MEAN_METRICS = ("exact_match", "token_f1", "rouge_l", "accuracy", "cost")  # means of per-record values
+MEAN_METRICS = ("exact_match", "token_f1", "rouge_l", "accuracy", "cost", "over_refusal")  # means of per-record values
 
 
 def record_values(rows: list[dict[str, Any]], sl: SliceConfig | None) -> dict[str, np.ndarray]:
@@ -72,6 +74,10 @@ def record_values(rows: list[dict[str, Any]], sl: SliceConfig | None) -> dict[st
         "token_f1": np.array([token_f1(r["prediction"], r["reference"]) for r in rows], dtype=float),
         "rouge_l": np.array([rouge_l(r["prediction"], r["reference"]) for r in rows], dtype=float),
     }
+    if sl is not None and sl.task == "generation":
+        from tuneloop.evaluate.safety import is_refusal
+
+        v["over_refusal"] = np.array([is_refusal(r["prediction"]) for r in rows], dtype=float)
     if sl is not None and sl.task == "classification":
         labels = [normalize_answer(lab) for lab in sl.labels]
         preds = [normalize_answer(r["prediction"]) for r in rows]

@@ -24,7 +24,8 @@ from tuneloop.evaluate.gates import apply_gates, gate_table
 from tuneloop.evaluate.metrics import slice_metrics, slice_values
 from tuneloop.jsonl import read_jsonl, write_jsonl
 
-REPORT_METRICS = ("accuracy", "macro_f1", "cost", "exact_match", "token_f1", "rouge_l", "nll", "perplexity")
+REPORT_METRICS = ("accuracy", "macro_f1", "cost", "exact_match", "token_f1", "rouge_l", "over_refusal", "nll",
+                  "perplexity")
 
 
 def model_ref(base_dir: Path, path: Path | None) -> tuple[Path, Path | None]:

@@ -120,7 +120,7 @@ class RewardGateFailed(RuntimeError):
 def reward_pairs(cfg: RunConfig, dataset: Path, out: Path) -> Path:
     """OUT/pairs.jsonl: the run's preference pairs (ingest's preference.jsonl) and the safety pairs, each with
     `split` train or eval (held out by a hash of the prompt, train.reward.eval_share)."""
-    from tuneloop.data.safety_pairs import held_out, write_jsonl
+    from tuneloop.data.safety_pairs import benign_pairs, held_out, write_jsonl
     from tuneloop.jsonl import read_jsonl
 
     rw = cfg.train.reward
@@ -129,6 +129,13 @@ def reward_pairs(cfg: RunConfig, dataset: Path, out: Path) -> Path:
             for r in (read_jsonl(src) if src.exists() else [])]
     if rw.safety.enabled:
         rows += _safety_pairs(cfg, rw.safety.max_pairs)
+        n = rw.safety.benign_pairs
+        if n:
+            records = list(read_jsonl(dataset / "sft.jsonl"))
+            if len(records) < n:
+                raise ValueError(f"train.reward.safety.benign_pairs: {n} asked, but the run has only {len(records)} "
+                                 "SFT records to take benign requests from; lower it or add sft data")
+            rows += benign_pairs(records, n, cfg.train.seed, rw.eval_share, _formatter(cfg).completion)
     return write_jsonl(rows, out / "pairs.jsonl")
 
 
@@ -136,17 +143,23 @@ def _safety_pairs(cfg: RunConfig, max_pairs: int | None) -> list[dict[str, Any]]
     """train.reward.safety's pairs rendered with the base model's chat template, at most MAX_PAIRS (None: one per
     prompt), none of them a prompt the red-team evaluation uses (evaluate.safety, as its seeded sample picks them);
     the same seed gives the same prompts in the same order, so the first N are the same at any size."""
-    from transformers import AutoTokenizer
-
-    from tuneloop.data.formatting import ChatFormatter
     from tuneloop.data.safety_pairs import safety_pairs
     from tuneloop.evaluate.safety import load_prompts
 
     rw = cfg.train.reward
-    fmt = ChatFormatter(AutoTokenizer.from_pretrained(str(base_model_dir(cfg))), cfg.data.system_prompt)
+    fmt = _formatter(cfg)
     exclude = load_prompts(cfg.evaluate.safety, cfg.evaluate.seed) if cfg.evaluate.safety is not None else None
     return safety_pairs(rw.safety.prompt_files, max_pairs, cfg.train.seed, rw.eval_share, exclude,
                         fmt.user_prompt, fmt.completion)
+
+
+def _formatter(cfg: RunConfig) -> Any:
+    """The base model's chat template, as ingest renders records with it (data/formatting.py)."""
+    from transformers import AutoTokenizer
+
+    from tuneloop.data.formatting import ChatFormatter
+
+    return ChatFormatter(AutoTokenizer.from_pretrained(str(base_model_dir(cfg))), cfg.data.system_prompt)
 
 
 def reward_gate(cfg: RunConfig, ev: dict[str, Any]) -> list[str]:
