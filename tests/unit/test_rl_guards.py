@@ -20,7 +20,10 @@ TEXTS = ["the parcel is late", "your order ships today", "we refund the fee", "p
 def test_distinct_n() -> None:
     assert distinct_n(["a b c", "a b d"], 2) == 3 / 4
     assert distinct_n(["same same same"] * 4, 2) == 1 / 8
-    assert distinct_n(["one", ""], 2) is None
+    assert distinct_n(["", " "], 2) is None
+    # one-word answers are n-grams of themselves: a collapse onto them is seen (it was None, the guard blind)
+    assert distinct_n(["Sorry."] * 8, 2) == 1 / 8
+    assert distinct_n(["one", "", "two three"], 2) == 1.0
 
 
 def test_watched_values() -> None:
@@ -35,6 +38,7 @@ def test_watched_values() -> None:
     ({**HEALTHY, "kl": 3.0}, TEXTS, "max_kl"),
     ({**HEALTHY, "completions/mean_length": 80.0}, TEXTS, "max_length_growth"),
     (HEALTHY, ["I refuse I refuse I refuse"] * 8, "min_distinct_2"),
+    (HEALTHY, ["No."] * 16, "min_distinct_2"),
     ({**HEALTHY, "completions/clipped_ratio": 0.9}, TEXTS, "max_empty_or_clipped_share"),
     (HEALTHY, [""] * 3 + TEXTS[:1], "max_empty_or_clipped_share"),
 ])

@@ -114,7 +114,8 @@ class RLGuardsConfig(_Strict):
                                "the classic length hack of a learned reward model. Above 1, or 0: off.")
     min_distinct_2: float = Field(
         0.1, ge=0, le=1, description="Distinct word bigrams over all word bigrams of one step's completions; below "
-                                     "it the policy has collapsed onto a few phrasings (mode collapse). 0: off.")
+                                     "it the policy has collapsed onto a few phrasings (mode collapse). A one-word "
+                                     "completion counts as one bigram, itself. 0: off.")
     max_empty_or_clipped_share: float = Field(
         0.8, ge=0, le=1, description="Share of one step's completions that are empty or clipped (hit "
                                      "max_completion_length without ending). 1: off.")

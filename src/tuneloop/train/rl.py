@@ -35,8 +35,12 @@ OWN_KEYS = ("distinct_2", "empty_share", "empty_or_clipped_share", "length_growt
 
 
 def distinct_n(texts: list[str], n: int = 2) -> float | None:
-    """Distinct word n-grams over all word n-grams of the texts; None when there is no n-gram at all."""
-    grams = [tuple(words[i:i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
+    """Distinct word n-grams over all word n-grams of the texts. A non-empty text shorter than n words counts as
+    one n-gram, itself: a policy collapsing onto one-word answers ("Sorry." x 8: 1/8) must not leave the
+    diversity guard blind. None only when every text is empty (the empty-share guard watches those)."""
+    grams = []
+    for words in (t.split() for t in texts):
+        grams += [tuple(words[i:i + n]) for i in range(len(words) - n + 1)] or ([tuple(words)] if words else [])
     return len(set(grams)) / len(grams) if grams else None
 
 
