@@ -61,7 +61,8 @@ def rouge_l(pred: str, ref: str) -> float:
     return float(_ROUGE.score(ref, pred)["rougeL"].fmeasure)
 
 
-MEAN_METRICS = ("exact_match", "token_f1", "rouge_l", "accuracy", "cost", "over_refusal")  # means of per-record values
+# means of per-record values
+MEAN_METRICS = ("exact_match", "token_f1", "rouge_l", "accuracy", "cost", "over_refusal")
 
 
 def record_values(rows: list[dict[str, Any]], sl: SliceConfig | None) -> dict[str, np.ndarray]:

@@ -118,8 +118,9 @@ class RewardGateFailed(RuntimeError):
 
 
 def reward_pairs(cfg: RunConfig, dataset: Path, out: Path) -> Path:
-    """OUT/pairs.jsonl: the run's preference pairs (ingest's preference.jsonl) and the safety pairs, each with
-    `split` train or eval (held out by a hash of the prompt, train.reward.eval_share)."""
+    """OUT/pairs.jsonl: the run's preference pairs (ingest's preference.jsonl), the safety pairs and the benign
+    pairs (requests of ingest's sft.jsonl, train.reward.safety.benign_pairs), each with `split` train or eval
+    (held out by a hash of the prompt, train.reward.eval_share)."""
     from tuneloop.data.safety_pairs import benign_pairs, held_out, write_jsonl
     from tuneloop.jsonl import read_jsonl
 
