@@ -154,14 +154,10 @@ class EvaluateConfig(_Strict):
                 continue
             if rule.slice != "all" and rule.slice not in slices:
                 raise ValueError(f"gates[{i}].slice: {rule.slice!r} is not in evaluate.slices ({', '.join(sorted(slices))})")
-            if rule.metric in CLASSIFICATION_METRICS and (
-                    rule.slice == "all" or self.slice_config(rule.slice).task != "classification"):
-                raise ValueError(f"gates[{i}].metric: {rule.metric} needs a classification slice; "
-                                 f"{rule.slice!r} is not one")
-            if rule.metric in GENERATION_METRICS and (
-                    rule.slice == "all" or self.slice_config(rule.slice).task != "generation"):
-                raise ValueError(f"gates[{i}].metric: {rule.metric} needs a generation slice; "
-                                 f"{rule.slice!r} is not one")
+            task = "classification" if rule.metric in CLASSIFICATION_METRICS \
+                else "generation" if rule.metric in GENERATION_METRICS else None
+            if task and (rule.slice == "all" or self.slice_config(rule.slice).task != task):
+                raise ValueError(f"gates[{i}].metric: {rule.metric} needs a {task} slice; {rule.slice!r} is not one")
         return self
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from tuneloop.config import EvaluateConfig, SliceConfig
+from tuneloop.evaluate.safety import is_refusal
 
 _PUNCT = str.maketrans("", "", string.punctuation)
 
@@ -76,8 +77,6 @@ def record_values(rows: list[dict[str, Any]], sl: SliceConfig | None) -> dict[st
         "rouge_l": np.array([rouge_l(r["prediction"], r["reference"]) for r in rows], dtype=float),
     }
     if sl is not None and sl.task == "generation":
-        from tuneloop.evaluate.safety import is_refusal
-
         v["over_refusal"] = np.array([is_refusal(r["prediction"]) for r in rows], dtype=float)
     if sl is not None and sl.task == "classification":
         labels = [normalize_answer(lab) for lab in sl.labels]

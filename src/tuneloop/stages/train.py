@@ -129,18 +129,19 @@ def reward_pairs(cfg: RunConfig, dataset: Path, out: Path) -> Path:
     rows = [{**r, "split": "eval" if held_out(r.get("user_text") or r["prompt"], rw.eval_share) else "train"}
             for r in (read_jsonl(src) if src.exists() else [])]
     if rw.safety.enabled:
-        rows += _safety_pairs(cfg, rw.safety.max_pairs)
+        fmt = _formatter(cfg)
+        rows += _safety_pairs(cfg, rw.safety.max_pairs, fmt)
         n = rw.safety.benign_pairs
         if n:
             records = list(read_jsonl(dataset / "sft.jsonl"))
             if len(records) < n:
                 raise ValueError(f"train.reward.safety.benign_pairs: {n} asked, but the run has only {len(records)} "
                                  "SFT records to take benign requests from; lower it or add sft data")
-            rows += benign_pairs(records, n, cfg.train.seed, rw.eval_share, _formatter(cfg).completion)
+            rows += benign_pairs(records, n, cfg.train.seed, rw.eval_share, fmt.completion)
     return write_jsonl(rows, out / "pairs.jsonl")
 
 
-def _safety_pairs(cfg: RunConfig, max_pairs: int | None) -> list[dict[str, Any]]:
+def _safety_pairs(cfg: RunConfig, max_pairs: int | None, fmt: Any = None) -> list[dict[str, Any]]:
     """train.reward.safety's pairs rendered with the base model's chat template, at most MAX_PAIRS (None: one per
     prompt), none of them a prompt the red-team evaluation uses (evaluate.safety, as its seeded sample picks them);
     the same seed gives the same prompts in the same order, so the first N are the same at any size."""
@@ -148,7 +149,7 @@ def _safety_pairs(cfg: RunConfig, max_pairs: int | None) -> list[dict[str, Any]]
     from tuneloop.evaluate.safety import load_prompts
 
     rw = cfg.train.reward
-    fmt = _formatter(cfg)
+    fmt = fmt or _formatter(cfg)
     exclude = load_prompts(cfg.evaluate.safety, cfg.evaluate.seed) if cfg.evaluate.safety is not None else None
     return safety_pairs(rw.safety.prompt_files, max_pairs, cfg.train.seed, rw.eval_share, exclude,
                         fmt.user_prompt, fmt.completion)
